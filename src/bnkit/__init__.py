@@ -12,6 +12,8 @@ from bnkit import functional, running
 from bnkit.convert import convert, to_torch
 from bnkit.ema import ExponentialMovingAverage
 from bnkit.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnkit.optim import apply_constraints, param_groups, regularization_loss
+from bnkit.presets import from_keras, from_slim
 
 __version__ = "0.1.0"
 
@@ -22,8 +24,13 @@ __all__ = [
     "BatchNorm3d",
     "ExponentialMovingAverage",
     "__version__",
+    "apply_constraints",
     "convert",
+    "from_keras",
+    "from_slim",
     "functional",
+    "param_groups",
+    "regularization_loss",
     "running",
     "to_torch",
 ]

@@ -511,7 +511,8 @@ class BatchNorm(nn.Module):
             out: Tensor = bnf.batch_norm(x, None, None, self.weight, self.bias, **options)
             return out
         state = self._running_state()
-        momentum = running.kernel_momentum(state, self._rule, self.running_var_mode)
+        feed = self._running_var_for(x, weights)
+        momentum = running.kernel_momentum(state, self._rule, feed)
         if momentum is not None:
             # PyTorch's rule: the kernel (or the functional core) updates the buffers.
             y: Tensor = bnf.batch_norm(
@@ -527,7 +528,7 @@ class BatchNorm(nn.Module):
                 state,
                 stats,
                 self._rule,
-                running_var=self.running_var_mode,
+                running_var=feed,
                 eps=self.eps,
                 renorm_momentum=self.renorm_momentum,
             )
@@ -536,6 +537,14 @@ class BatchNorm(nn.Module):
             # it, as torch (and the kernel path above) does.
             running.count_update_(state)
         return y
+
+    def _running_var_for(self, x: Tensor, weights: Tensor | None) -> RunningVar:
+        """Which batch variance feeds the running estimate for this input.
+
+        ``running_var_mode`` here; the TF presets override it because slim and Keras pick
+        their code path, and with it the variance, from the input's rank and the weights.
+        """
+        return self.running_var_mode
 
     # ------------------------------------------------------- torch plumbing
 

@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test lint typecheck pytest bench clean
+.PHONY: venv install demo test lint typecheck pytest parity bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src
 
+# The TensorFlow parity suite runs in `make parity`, which installs TensorFlow first.
 pytest: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/parity
+
+TF_STAMP := $(VENV)/.installed-tf
+
+$(TF_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -q -e ".[dev,demo,tf]"
+	touch $@
+
+# Every parity test must run against real TensorFlow: a skipped one fails the target.
+parity: $(TF_STAMP)
+	BNKIT_PARITY_STRICT=1 $(PY) -m pytest -q tests/parity
 
 test: lint typecheck pytest
 

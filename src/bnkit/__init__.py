@@ -13,6 +13,7 @@ from bnkit.convert import convert, to_torch
 from bnkit.ema import ExponentialMovingAverage
 from bnkit.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.optim import apply_constraints, param_groups, regularization_loss
+from bnkit.policy import get_policy, policy, set_policy
 from bnkit.presets import from_keras, from_slim
 
 __version__ = "0.1.0"
@@ -29,8 +30,11 @@ __all__ = [
     "from_keras",
     "from_slim",
     "functional",
+    "get_policy",
     "param_groups",
+    "policy",
     "regularization_loss",
     "running",
+    "set_policy",
     "to_torch",
 ]

@@ -1,0 +1,120 @@
+"""What a batch-norm layer does when something goes wrong: warn, raise, or carry on.
+
+Three situations have a policy each, set globally (``set_policy``), for a block of code
+(``with policy(...)``) or per layer (``BatchNorm(..., policy={...})`` / ``layer.policy``); a
+layer's own setting wins over the block's, which wins over the global one.
+
+``no_grad_training`` -- a training-mode forward while autograd is off (``torch.no_grad()``,
+``inference_mode``), the classic forgotten ``model.eval()``: ``"warn"`` (default, once per
+layer), ``"raise"`` or ``"ignore"``. Recalibration runs inside :func:`calibrating`, which
+silences it.
+
+``nonfinite`` -- batch statistics with a NaN or an infinity: ``"skip"`` (default: the running
+statistics keep their values, the layer counts the skip in ``num_skipped_updates`` and warns
+once), ``"raise"``, or ``"update"`` (let the NaN in, as PyTorch does).
+
+``single_value`` -- one value per channel in training (a batch of one, or a ghost batch of
+one), where the batch variance is 0 and the output all zeros: ``"raise"`` (default),
+``"running"`` (normalize with the running statistics, no update) or ``"skip-update"``
+(normalize with the batch statistics but leave the running statistics alone).
+
+Example:
+    >>> import bnkit
+    >>> with bnkit.policy(nonfinite="raise"):
+    ...     bnkit.get_policy("nonfinite")
+    'raise'
+    >>> bnkit.get_policy("nonfinite")
+    'skip'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import types
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+__all__ = ["POLICIES", "calibrating", "get_policy", "is_calibrating", "policy", "set_policy"]
+
+POLICIES: dict[str, tuple[str, ...]] = {
+    "no_grad_training": ("warn", "raise", "ignore"),
+    "nonfinite": ("skip", "raise", "update"),
+    "single_value": ("raise", "running", "skip-update"),
+}
+_DEFAULTS = {name: choices[0] for name, choices in POLICIES.items()}
+_global: dict[str, str] = dict(_DEFAULTS)
+_scoped: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "bnkit_policy", default=types.MappingProxyType({})
+)
+_calibrating: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "bnkit_calibrating", default=False
+)
+
+
+def check_policies(policies: Mapping[str, Any]) -> dict[str, str]:
+    """Validate ``{name: value}``; raise ValueError naming the accepted names and values."""
+    out = {}
+    for name, value in policies.items():
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; the policies are {sorted(POLICIES)}")
+        if value not in POLICIES[name]:
+            raise ValueError(
+                f"policy {name}={value!r} is not one of {list(POLICIES[name])} "
+                f"(default {POLICIES[name][0]!r})"
+            )
+        out[name] = str(value)
+    return out
+
+
+def set_policy(**policies: str) -> None:
+    """Set the global default of one or more policies (``set_policy()`` with none resets all).
+
+    Example:
+        >>> import bnkit
+        >>> bnkit.set_policy(no_grad_training="raise")
+        >>> bnkit.get_policy("no_grad_training")
+        'raise'
+        >>> bnkit.set_policy()  # back to the defaults
+        >>> bnkit.get_policy("no_grad_training")
+        'warn'
+    """
+    if not policies:
+        _global.clear()
+        _global.update(_DEFAULTS)
+        return
+    _global.update(check_policies(policies))
+
+
+@contextlib.contextmanager
+def policy(**policies: str) -> Iterator[None]:
+    """Use these policies inside the block (layers with their own setting keep it)."""
+    token = _scoped.set({**_scoped.get(), **check_policies(policies)})
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def get_policy(name: str, layer: Mapping[str, str] | None = None) -> str:
+    """The policy in force: the layer's own, else the block's, else the global default."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; the policies are {sorted(POLICIES)}")
+    if layer and name in layer:
+        return layer[name]
+    return _scoped.get().get(name, _global[name])
+
+
+@contextlib.contextmanager
+def calibrating() -> Iterator[None]:
+    """Mark training-mode forwards without gradients as intended (statistics estimation)."""
+    token = _calibrating.set(True)
+    try:
+        yield
+    finally:
+        _calibrating.reset(token)
+
+
+def is_calibrating() -> bool:
+    """True inside :func:`calibrating`."""
+    return _calibrating.get()

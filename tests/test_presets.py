@@ -544,3 +544,21 @@ def test_partial_activation_passes_through() -> None:
     bn = bnkit.from_slim(2, activation_fn=act, is_training=False)
     x = torch.tensor([[-1.0, 1.0]])
     torch.testing.assert_close(bn(x), act(x / (1 + 1e-3) ** 0.5))
+
+
+def test_slim_trainable_false_on_the_layer_path_never_updates() -> None:
+    # Keras V1 drops a non-trainable layer's update ops, so slim's core-layer path keeps its
+    # moving statistics; the fused and legacy paths update regardless.
+    x = torch.randn(4, 2, 2, 3) + 3.0
+    layer = bnkit.from_slim(3, trainable=False, decay=0.5)
+    y = layer(x)
+    assert layer.slim_path(4, weighted=False) == "layer"
+    torch.testing.assert_close(layer.running_mean, torch.zeros(3))
+    # It still normalizes with the batch statistics.
+    torch.testing.assert_close(y.mean(dim=(0, 1, 2)), torch.zeros(3), atol=1e-5, rtol=0)
+    fused = bnkit.from_slim(3, trainable=False, decay=0.5, zero_debias_moving_mean=True)
+    fused(x)
+    assert (fused.running_mean > 2.0).all()
+    legacy = bnkit.from_slim(3, trainable=False, decay=0.5)
+    legacy(x, weights=torch.ones(4))
+    assert (legacy.running_mean > 1.0).all()

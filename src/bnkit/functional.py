@@ -297,10 +297,14 @@ def align_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor:
     return w
 
 
-def _check_values_per_channel(x: Tensor, axis: int, virtual_batch_size: int | None) -> None:
+def _one_value_per_channel(x: Tensor, axis: int, virtual_batch_size: int | None) -> bool:
+    """True when each channel (of each ghost batch) has a single value to take statistics of."""
     group = virtual_batch_size if virtual_batch_size is not None else x.shape[0]
-    per_channel = group * math.prod(s for d, s in enumerate(x.shape) if d not in (0, axis))
-    if per_channel == 1:
+    return group * math.prod(s for d, s in enumerate(x.shape) if d not in (0, axis)) == 1
+
+
+def _check_values_per_channel(x: Tensor, axis: int, virtual_batch_size: int | None) -> None:
+    if _one_value_per_channel(x, axis, virtual_batch_size):
         where = (
             f"a ghost batch of {virtual_batch_size} sample(s)"
             if virtual_batch_size is not None
@@ -310,8 +314,9 @@ def _check_values_per_channel(x: Tensor, axis: int, virtual_batch_size: int | No
             f"Expected more than 1 value per channel when training, got {where}. A variance "
             "needs at least two values. Fix: 1) use batches of 2 or more (drop_last=True in "
             "the DataLoader removes a final batch of one), 2) call model.eval() (or pass "
-            "training=False) to normalize with the running statistics, or 3) use a larger "
-            "virtual_batch_size."
+            "training=False) to normalize with the running statistics, 3) use a larger "
+            "virtual_batch_size, or 4) set the layer's policy single_value='running' "
+            "(running statistics for such batches) or 'skip-update' (see bnkit.policies)."
         )
 
 
@@ -519,8 +524,10 @@ def _kernel_step(
         1, 0, channels, param_dtype, x.device, weight, bias, r, d, adjusted
     )
     # The kernel takes one value per channel; scalar adjustments broadcast to all of them.
-    scale = None if scale is None else torch.broadcast_to(scale, (channels,))
-    shift = None if shift is None else torch.broadcast_to(shift, (channels,))
+    # contiguous(): PyTorch's CPU backward kernel reads a stride-0 (broadcast) weight as if it
+    # were dense, i.e. out of bounds (torch 2.13).
+    scale = None if scale is None else torch.broadcast_to(scale, (channels,)).contiguous()
+    shift = None if shift is None else torch.broadcast_to(shift, (channels,)).contiguous()
     ys = []
     for index, part in enumerate(groups.parts):
         rows = slice(None) if groups.merged else slice(index, index + 1)
@@ -709,6 +716,7 @@ def batch_norm(
     activation: Activation = ...,
     return_stats: Literal[False] = ...,
     impl: Impl = ...,
+    allow_single_value: bool = ...,
 ) -> Tensor: ...
 
 
@@ -734,6 +742,7 @@ def batch_norm(
     activation: Activation = ...,
     return_stats: Literal[True],
     impl: Impl = ...,
+    allow_single_value: bool = ...,
 ) -> tuple[Tensor, BatchStats | None]: ...
 
 
@@ -758,6 +767,7 @@ def batch_norm(
     activation: Activation = None,
     return_stats: bool = False,
     impl: Impl = "auto",
+    allow_single_value: bool = False,
 ) -> Tensor | tuple[Tensor, BatchStats | None]:
     """One batch-norm step, training or inference, with every bnkit option.
 
@@ -796,6 +806,8 @@ def batch_norm(
         activation: None, "relu", "leaky_relu", "elu", "silu", "gelu" or a callable.
         return_stats: also return the batch statistics (None in inference).
         impl: "auto" (fast paths where exact) or "reference" (composite oracle).
+        allow_single_value: accept one value per channel in training instead of raising;
+            its variance is 0, so ``x̂`` is 0 (the layer policy ``single_value="skip-update"``).
 
     Returns:
         ``y`` of ``x``'s shape and dtype, or ``(y, stats)`` with ``return_stats=True``.
@@ -829,6 +841,7 @@ def batch_norm(
         and (weight is None or weight.dtype == x.dtype)
         and (running_mean is None or running_mean.dtype == x.dtype)
         and (training or (running_mean is not None and running_var is not None))
+        and not allow_single_value
     ):
         # Nothing of bnkit's applies: PyTorch's own call is the whole step (bit-identical to
         # torch.nn.BatchNorm*d), so skip the dispatch below; it costs microseconds per call.
@@ -868,7 +881,9 @@ def batch_norm(
     else:
         if virtual_batch_size is not None:
             _check_ghosts(x.shape[0], virtual_batch_size, ghost_layout)
-        _check_values_per_channel(x, a, virtual_batch_size)
+        kernels_ok = not (allow_single_value and _one_value_per_channel(x, a, virtual_batch_size))
+        if not allow_single_value:
+            _check_values_per_channel(x, a, virtual_batch_size)
         y, stats = _training_step(
             x,
             a,
@@ -886,7 +901,8 @@ def batch_norm(
             renorm_clipping=renorm_clipping,
             adjustment=adjustment,
             want_stats=return_stats,
-            impl=impl,
+            # PyTorch's kernels refuse one value per channel; the composite gives x̂ = 0.
+            impl=impl if kernels_ok else "reference",
         )
     y = _match_layout(y, x)
     if act is not None:

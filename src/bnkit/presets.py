@@ -270,6 +270,7 @@ class SlimBatchNorm(BatchNorm):
         self.custom_updates = custom_updates
         self.tf_scope = tf_scope
         self.regularizers = regularizers
+        self.slim_trainable = True
 
     def slim_path(self, rank: int, weighted: bool, dtype: torch.dtype | None = None) -> SlimPath:
         """The code path slim takes for input of this rank, with or without batch weights.
@@ -318,6 +319,14 @@ class SlimBatchNorm(BatchNorm):
         if path == "fused" or (path == "layer" and self._layer_uses_fused_kernel(x.dim(), x.dtype)):
             return "unbiased"
         return "biased"
+
+    def _updates_running_stats(self, x: Tensor, weights: Tensor | None) -> bool:
+        # slim's core-layer path builds a Keras V1 layer, whose update ops are dropped when the
+        # layer is not trainable (base_layer_v1 `updates`): it normalizes with batch statistics
+        # and never moves the moving ones. The fused and legacy paths update regardless.
+        if self.slim_trainable:
+            return True
+        return self.slim_path(x.dim(), weights is not None, x.dtype) != "layer"
 
     def forward(
         self, x: Tensor, *, weights: Tensor | None = None, training: bool | None = None
@@ -419,6 +428,7 @@ def from_slim(num_features: int, **kwargs: Any) -> SlimBatchNorm:
         dtype=_dtype(o["dtype"]),
     )
     _set_trainable(module, bool(o["trainable"]))
+    module.slim_trainable = bool(o["trainable"])
     module.train(bool(o["is_training"]))
     return module
 

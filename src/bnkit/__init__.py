@@ -13,7 +13,7 @@ from bnkit.convert import convert, to_torch
 from bnkit.ema import ExponentialMovingAverage
 from bnkit.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.optim import apply_constraints, param_groups, regularization_loss
-from bnkit.policy import get_policy, policy, set_policy
+from bnkit.policies import get_policy, policy, set_policy
 from bnkit.presets import from_keras, from_slim
 
 __version__ = "0.1.0"

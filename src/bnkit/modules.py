@@ -7,7 +7,8 @@ The module holds parameters and buffers, checks its input, and calls the functio
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from bnkit import functional as bnf
 from bnkit import running
 from bnkit.functional import Activation, Adjustment, GhostLayout
+from bnkit.policies import BatchNormWarning, check_policies, get_policy, is_calibrating
 from bnkit.running import MovingAverageRule, RunningState, RunningVar, ZeroDebias
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -113,6 +115,8 @@ class BatchNorm(nn.Module):
             callable, applied after the affine transform.
         weight_init, bias_init, running_mean_init, running_var_init: a number, one value per
             channel, or a callable that fills the tensor in place.
+        policy: this layer's own policies, e.g. ``{"nonfinite": "raise"}``; the others
+            follow ``bnkit.set_policy`` / ``bnkit.policy`` (see ``bnkit.policies``).
         device, dtype: where and how to create parameters. Running statistics of a
             float16/bfloat16 module are kept in float32.
 
@@ -173,6 +177,7 @@ class BatchNorm(nn.Module):
         bias_init: Init = None,
         running_mean_init: Init = None,
         running_var_init: Init = None,
+        policy: Mapping[str, str] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -260,6 +265,9 @@ class BatchNorm(nn.Module):
         self.ghost_layout: GhostLayout = ghost_layout
         self.adjustment = adjustment
         self.activation = activation
+        self.policy: dict[str, str] = check_policies(policy or {})
+        self.layer_name: str | None = None
+        self._warned: set[str] = set()
         self._inits = {
             "weight": weight_init,
             "bias": bias_init,
@@ -473,13 +481,22 @@ class BatchNorm(nn.Module):
             x: input with ``num_features`` channels on ``axis``.
             weights: per-sample weights (N,) or a mask over the leading non-channel dims
                 (TF-slim ``batch_weights``, Keras ``mask``); they weight the batch statistics.
-            training: override the module's mode for this call.
+            training: override the module's mode for this call (a frozen layer ignores it).
 
         Returns:
             The normalized tensor, same shape and dtype as ``x``.
         """
-        self._check_input(x)
+        a = self._check_input(x)
         training = self.training if training is None else bool(training)
+        if self._buffers.get("frozen") is not None:
+            training = False  # frozen: running statistics, never updated (bnkit.freeze)
+        single_value = False
+        if training and self.track_running_stats:
+            if not torch.is_grad_enabled() and not is_calibrating():
+                self._on_no_grad_training()
+            single_value = bnf._one_value_per_channel(x, a, self.virtual_batch_size)
+            if single_value and get_policy("single_value", self.policy) == "running":
+                training = False
         if not training and self.track_running_stats:
             return bnf.batch_norm(
                 x,
@@ -493,6 +510,9 @@ class BatchNorm(nn.Module):
                 activation=self.activation,
             )
         renorm = self.renorm and training
+        skip_update = (
+            single_value and get_policy("single_value", self.policy) == "skip-update"
+        ) or not self._updates_running_stats(x, weights)
         options: dict[str, Any] = {
             "training": True,
             "eps": self.eps,
@@ -505,12 +525,25 @@ class BatchNorm(nn.Module):
             "renorm_clipping": self.renorm_clipping,
             "adjustment": self.adjustment if training else None,
             "activation": self.activation,
+            "allow_single_value": skip_update,
         }
-        if not (training and self.track_running_stats):
-            # Batch statistics with nothing to update (track_running_stats=False).
+        if skip_update or not (training and self.track_running_stats):
+            # Batch statistics with nothing to update (track_running_stats=False, or the
+            # single_value="skip-update" policy on a batch of one value per channel).
             out: Tensor = bnf.batch_norm(x, None, None, self.weight, self.bias, **options)
             return out
         state = self._running_state()
+        nonfinite = get_policy("nonfinite", self.policy)
+        before = running.snapshot(state) if nonfinite != "update" else None
+        y = self._train_and_update(x, weights, state, options)
+        if before is not None:
+            self._check_update(state, before, nonfinite)
+        return y
+
+    def _train_and_update(
+        self, x: Tensor, weights: Tensor | None, state: RunningState, options: dict[str, Any]
+    ) -> Tensor:
+        """One training step that moves the running statistics once."""
         feed = self._running_var_for(x, weights)
         momentum = running.kernel_momentum(state, self._rule, feed)
         if momentum is not None:
@@ -537,6 +570,96 @@ class BatchNorm(nn.Module):
             # it, as torch (and the kernel path above) does.
             running.count_update_(state)
         return y
+
+    # ---------------------------------------------------------------- guards
+
+    def _display_name(self) -> str:
+        name = self.layer_name or getattr(self, "tf_scope", None)
+        short = f"{type(self).__name__}({self.num_features})"
+        return f"{short} {name!r}" if name else short
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, BatchNormWarning, stacklevel=4)
+
+    def _on_no_grad_training(self) -> None:
+        """The classic forgotten ``model.eval()``: training mode while autograd is off."""
+        action = get_policy("no_grad_training", self.policy)
+        if action == "ignore":
+            return
+        message = (
+            f"{self._display_name()} ran in training mode under torch.no_grad() / "
+            "inference_mode: it normalized with this batch's statistics and moved its running "
+            "statistics. If this is evaluation or prediction, call model.eval() first (and "
+            "model.train() after). If you are estimating statistics on purpose, use "
+            "bnkit.recalibrate(model, data) or wrap the loop in "
+            "bnkit.policies.calibrating(); to silence this, set the policy "
+            "no_grad_training='ignore'."
+        )
+        if action == "raise":
+            raise RuntimeError(message)
+        self._warn_once("no_grad_training", message)
+
+    def _check_update(self, state: RunningState, before: dict[str, Tensor], nonfinite: str) -> None:
+        """Undo an update that made the running statistics non-finite (policy ``nonfinite``)."""
+        ok = running.all_finite(state)
+        if torch.compiler.is_compiling():
+            # No data-dependent Python in a compiled graph: keep or restore with tensor ops.
+            running.restore_(state, before, keep=ok)
+            return
+        if bool(ok):
+            return
+        running.restore_(state, before)
+        skipped = self._buffers.get("num_skipped_updates")
+        if skipped is None:
+            skipped = torch.zeros((), dtype=torch.long, device=state.mean.device)
+            self.register_buffer("num_skipped_updates", skipped)
+        skipped.add_(1)
+        already = (
+            ""
+            if bool(torch.isfinite(before["mean"]).all())
+            else (
+                " The running statistics were already non-finite before this batch: reset them "
+                "(layer.reset_running_stats()) or recalibrate (bnkit.recalibrate)."
+            )
+        )
+        message = (
+            f"{self._display_name()}: this training batch has non-finite statistics (NaN or "
+            "inf in the input), which would have made the running statistics non-finite for "
+            "good. The update was skipped and counted in layer.num_skipped_updates "
+            f"(now {int(skipped)}).{already} Look for the source of the NaN (learning rate, "
+            "loss scaling, bad data); policy nonfinite='raise' stops at the first one."
+        )
+        if nonfinite == "raise":
+            raise FloatingPointError(message)
+        self._warn_once("nonfinite", message)
+
+    # ---------------------------------------------------------------- freeze
+
+    @property
+    def frozen(self) -> bool:
+        """A frozen layer normalizes with its running statistics and never updates them,
+        in training mode too; the flag is saved in the state dict (``bnkit.freeze``)."""
+        return self._buffers.get("frozen") is not None
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if value and not self.track_running_stats:
+            raise ValueError(
+                f"{self._display_name()} keeps no running statistics "
+                "(track_running_stats=False), so it cannot be frozen on them"
+            )
+        if value and not self.frozen:
+            device = self.running_mean.device if self.running_mean is not None else None
+            self.register_buffer("frozen", torch.tensor(True, device=device))
+        elif not value and self.frozen:
+            del self._buffers["frozen"]
+
+    def _updates_running_stats(self, x: Tensor, weights: Tensor | None) -> bool:
+        """Whether a training call on this input moves the running statistics (True here;
+        slim's core-layer path with ``trainable=False`` never does)."""
+        return True
 
     def _running_var_for(self, x: Tensor, weights: Tensor | None) -> RunningVar:
         """Which batch variance feeds the running estimate for this input.
@@ -576,6 +699,7 @@ class BatchNorm(nn.Module):
             current = self.num_batches_tracked
             keep = current is not None and current.device.type != "meta"
             state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
+        self._adopt_lazy_buffers(state_dict, prefix)
         mean, var = state_dict.get(prefix + "running_mean"), state_dict.get(prefix + "running_var")
         if isinstance(mean, Tensor) and isinstance(var, Tensor):
             # A state without the statistics that this layer's options add (a torch.nn or a
@@ -586,6 +710,25 @@ class BatchNorm(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _adopt_lazy_buffers(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Buffers that exist only when needed (``frozen``, ``num_skipped_updates``).
+
+        A state that has them creates them here, so they load; a state without them leaves
+        the layer's own (a frozen layer stays frozen when plain weights are loaded into it).
+        """
+        for name in ("frozen", "num_skipped_updates"):
+            key = prefix + name
+            if key in state_dict and self._buffers.get(name) is None:
+                value = state_dict[key]
+                if isinstance(value, Tensor):
+                    self.register_buffer(name, torch.empty_like(value, device=self._device()))
+            elif key not in state_dict and self._buffers.get(name) is not None:
+                state_dict[key] = self._buffers[name]
+
+    def _device(self) -> torch.device | None:
+        ref = self.running_mean if self.running_mean is not None else self.weight
+        return None if ref is None else ref.device
 
     def extra_repr(self) -> str:
         parts = [f"{self.num_features}"]

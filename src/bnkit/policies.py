@@ -35,7 +35,21 @@ import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["POLICIES", "calibrating", "get_policy", "is_calibrating", "policy", "set_policy"]
+__all__ = [
+    "POLICIES",
+    "BatchNormWarning",
+    "calibrating",
+    "get_policy",
+    "is_calibrating",
+    "name_layers",
+    "policy",
+    "set_policy",
+]
+
+
+class BatchNormWarning(UserWarning):
+    """A batch-norm layer did something that usually means a bug (see the message's fix)."""
+
 
 POLICIES: dict[str, tuple[str, ...]] = {
     "no_grad_training": ("warn", "raise", "ignore"),
@@ -118,3 +132,20 @@ def calibrating() -> Iterator[None]:
 def is_calibrating() -> bool:
     """True inside :func:`calibrating`."""
     return _calibrating.get()
+
+
+def name_layers(model: Any) -> None:
+    """Give each bnkit layer in ``model`` its path (``layer.layer_name``) for messages.
+
+    Layers do not know where they sit in a model; warnings and errors name them by this path
+    once it is set (``bnkit.convert`` and the lifecycle tools set it too).
+
+    >>> import torch, bnkit
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), bnkit.BatchNorm(2))
+    >>> bnkit.policies.name_layers(model)
+    >>> model[1].layer_name
+    '1'
+    """
+    for name, module in model.named_modules():
+        if hasattr(module, "layer_name") and hasattr(module, "policy"):
+            module.layer_name = name or type(module).__name__

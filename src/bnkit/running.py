@@ -30,12 +30,15 @@ __all__ = [
     "RunningState",
     "RunningVar",
     "ZeroDebias",
+    "all_finite",
     "assign_moving_average_",
     "count_update_",
     "decay_to_momentum",
     "kernel_momentum",
     "momentum_to_decay",
     "resolve_momentum",
+    "restore_",
+    "snapshot",
     "update_running_stats_",
     "warmup_decay",
     "zero_debias_update_",
@@ -383,3 +386,61 @@ def count_update_(state: RunningState) -> None:
         # An integer buffer never requires grad, so no no_grad() block is needed (it costs
         # as much as the add on small layers).
         state.num_batches_tracked.add_(1)
+
+
+# ------------------------------------------------------- non-finite protection
+
+_STATE_FIELDS = (
+    "mean",
+    "var",
+    "num_batches_tracked",
+    "mean_biased",
+    "mean_local_step",
+    "var_biased",
+    "var_local_step",
+    "stddev",
+    "renorm_mean",
+    "renorm_stddev",
+)
+
+
+def snapshot(state: RunningState) -> dict[str, Tensor]:
+    """Copies of every buffer in ``state``, taken before an update (see :func:`restore_`)."""
+    saved = {}
+    for name in _STATE_FIELDS:
+        value = getattr(state, name)
+        if value is not None:
+            saved[name] = value.clone()
+    return saved
+
+
+def all_finite(state: RunningState) -> Tensor:
+    """A 0-d bool tensor: every floating-point statistic in ``state`` is finite.
+
+    A batch with a NaN or an infinity turns the statistics it feeds non-finite, and with a
+    moving average they stay so for good; checking after the update catches it on every path
+    (also inside PyTorch's kernel, which updates the buffers itself).
+
+    >>> s = RunningState(mean=torch.zeros(2), var=torch.tensor([1.0, float("nan")]))
+    >>> bool(all_finite(s))
+    False
+    """
+    ok = torch.isfinite(state.mean).all() & torch.isfinite(state.var).all()
+    for name in ("mean_biased", "var_biased", "stddev", "renorm_mean", "renorm_stddev"):
+        value = getattr(state, name)
+        if value is not None:
+            ok = ok & torch.isfinite(value).all()
+    return ok
+
+
+def restore_(state: RunningState, saved: dict[str, Tensor], keep: Tensor | None = None) -> None:
+    """Put back the buffers saved by :func:`snapshot`: the update did not happen.
+
+    With ``keep`` (a 0-d bool tensor) each buffer keeps its new value where ``keep`` is True
+    and gets the saved one otherwise, without reading ``keep`` in Python, so compiled graphs
+    need no data-dependent branch.
+    """
+    with torch.no_grad():
+        for name, old in saved.items():
+            buf = getattr(state, name)
+            buf.copy_(old if keep is None else torch.where(keep, buf, old))

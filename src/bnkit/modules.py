@@ -616,9 +616,10 @@ class BatchNorm(nn.Module):
             skipped = torch.zeros((), dtype=torch.long, device=state.mean.device)
             self.register_buffer("num_skipped_updates", skipped)
         skipped.add_(1)
+        was_finite = all(bool(torch.isfinite(v).all()) for v in before.values())
         already = (
             ""
-            if bool(torch.isfinite(before["mean"]).all())
+            if was_finite
             else (
                 " The running statistics were already non-finite before this batch: reset them "
                 "(layer.reset_running_stats()) or recalibrate (bnkit.recalibrate)."
@@ -637,6 +638,13 @@ class BatchNorm(nn.Module):
 
     # ---------------------------------------------------------------- freeze
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "frozen":
+            # The property, not nn.Module's buffer assignment for the buffer of that name.
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def frozen(self) -> bool:
         """A frozen layer normalizes with its running statistics and never updates them,
@@ -652,7 +660,9 @@ class BatchNorm(nn.Module):
             )
         if value and not self.frozen:
             device = self.running_mean.device if self.running_mean is not None else None
-            self.register_buffer("frozen", torch.tensor(True, device=device))
+            # Straight into _buffers: register_buffer refuses a name the class uses (the
+            # property), and the state dict key should be plain "frozen".
+            self._buffers["frozen"] = torch.tensor(True, device=device)
         elif not value and self.frozen:
             del self._buffers["frozen"]
 
@@ -722,7 +732,7 @@ class BatchNorm(nn.Module):
             if key in state_dict and self._buffers.get(name) is None:
                 value = state_dict[key]
                 if isinstance(value, Tensor):
-                    self.register_buffer(name, torch.empty_like(value, device=self._device()))
+                    self._buffers[name] = torch.empty_like(value, device=self._device())
             elif key not in state_dict and self._buffers.get(name) is not None:
                 state_dict[key] = self._buffers[name]
 

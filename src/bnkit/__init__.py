@@ -9,6 +9,7 @@ torch.Size([4, 3, 5, 5])
 from __future__ import annotations
 
 from bnkit import functional, running
+from bnkit.checkpoint import CheckpointError, Finding, LoadReport, load, save, verify
 from bnkit.convert import convert, to_torch
 from bnkit.ema import ExponentialMovingAverage
 from bnkit.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -23,7 +24,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "CheckpointError",
     "ExponentialMovingAverage",
+    "Finding",
+    "LoadReport",
     "__version__",
     "apply_constraints",
     "convert",
@@ -31,10 +35,13 @@ __all__ = [
     "from_slim",
     "functional",
     "get_policy",
+    "load",
     "param_groups",
     "policy",
     "regularization_loss",
     "running",
+    "save",
     "set_policy",
     "to_torch",
+    "verify",
 ]

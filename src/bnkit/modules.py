@@ -33,6 +33,9 @@ class _Default(float):
 _MOMENTUM_DEFAULT = _Default(0.1)
 _HALF = (torch.float16, torch.bfloat16)
 
+# Buffers that exist only when needed: while frozen, and once an update was skipped.
+LAZY_BUFFERS = ("frozen", "num_skipped_updates")
+
 # Buffers that hold statistics, in the order they are registered.
 _STAT_BUFFERS = (
     "running_mean",
@@ -727,7 +730,7 @@ class BatchNorm(nn.Module):
         A state that has them creates them here, so they load; a state without them leaves
         the layer's own (a frozen layer stays frozen when plain weights are loaded into it).
         """
-        for name in ("frozen", "num_skipped_updates"):
+        for name in LAZY_BUFFERS:
             key = prefix + name
             if key in state_dict and self._buffers.get(name) is None:
                 value = state_dict[key]

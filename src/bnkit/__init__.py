@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from bnkit import functional, running
 from bnkit.checkpoint import CheckpointError, Finding, LoadReport, load, save, verify
-from bnkit.convert import convert, to_torch
+from bnkit.convert import (
+    FoldReport,
+    FoldResult,
+    convert,
+    eval_mode,
+    fold,
+    freeze,
+    to_torch,
+    train_mode,
+    unfreeze,
+)
 from bnkit.ema import ExponentialMovingAverage
 from bnkit.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.optim import apply_constraints, param_groups, regularization_loss
@@ -27,10 +37,15 @@ __all__ = [
     "CheckpointError",
     "ExponentialMovingAverage",
     "Finding",
+    "FoldReport",
+    "FoldResult",
     "LoadReport",
     "__version__",
     "apply_constraints",
     "convert",
+    "eval_mode",
+    "fold",
+    "freeze",
     "from_keras",
     "from_slim",
     "functional",
@@ -43,5 +58,7 @@ __all__ = [
     "save",
     "set_policy",
     "to_torch",
+    "train_mode",
+    "unfreeze",
     "verify",
 ]

@@ -26,6 +26,13 @@ from bnkit.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.optim import apply_constraints, param_groups, regularization_loss
 from bnkit.policies import get_policy, policy, set_policy
 from bnkit.presets import from_keras, from_slim
+from bnkit.tf_import import (
+    CheckpointImportError,
+    ImportReport,
+    load_keras_weights,
+    load_tf_checkpoint,
+    load_tf_variables,
+)
 
 __version__ = "0.1.0"
 
@@ -35,10 +42,12 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "CheckpointError",
+    "CheckpointImportError",
     "ExponentialMovingAverage",
     "Finding",
     "FoldReport",
     "FoldResult",
+    "ImportReport",
     "LoadReport",
     "__version__",
     "apply_constraints",
@@ -51,6 +60,9 @@ __all__ = [
     "functional",
     "get_policy",
     "load",
+    "load_keras_weights",
+    "load_tf_checkpoint",
+    "load_tf_variables",
     "param_groups",
     "policy",
     "regularization_loss",

@@ -9,6 +9,7 @@ torch.Size([4, 3, 5, 5])
 from __future__ import annotations
 
 from bnkit import functional, running
+from bnkit.calibrate import CalibrationReport, recalibrate
 from bnkit.checkpoint import CheckpointError, Finding, LoadReport, load, save, verify
 from bnkit.convert import (
     FoldReport,
@@ -41,6 +42,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "CalibrationReport",
     "CheckpointError",
     "CheckpointImportError",
     "ExponentialMovingAverage",
@@ -65,6 +67,7 @@ __all__ = [
     "load_tf_variables",
     "param_groups",
     "policy",
+    "recalibrate",
     "regularization_loss",
     "running",
     "save",

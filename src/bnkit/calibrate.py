@@ -413,7 +413,7 @@ def _progress(batches: Iterable[Any], total: int | None, enabled: bool) -> Itera
         return batches
     try:
         from tqdm import tqdm
-    except ImportError:  # tqdm is optional (the "demo" extra): no bar without it
+    except ImportError:  # a dependency, but an environment may lack it: no bar then
         return batches
     bar: Iterable[Any] = tqdm(
         batches, total=total, desc="recalibrate", unit="batch", file=sys.stderr

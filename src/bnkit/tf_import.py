@@ -1377,9 +1377,7 @@ _WHAT_HAPPENED = {
 }
 
 
-def _stats_message(
-    issues: list[tuple[str, str, str]], source: str, function: str, cumulative: bool = True
-) -> str:
+def _stats_message(issues: list[tuple[str, str, str]], source: str, function: str) -> str:
     lines = [
         f"{len(issues)} batch-norm layer(s) in {source} have no usable moving statistics; "
         "in eval mode the model would normalize with wrong values:"
@@ -1388,35 +1386,15 @@ def _stats_message(
     lines.append("What probably happened:")
     kinds = {"missing" if "missing" in issue else "never" for *_, issue in issues}
     lines += [f"  {_WHAT_HAPPENED[k]}" for k in ("missing", "never") if k in kinds]
-    names = [name for name, *_ in issues]
     lines += [
         "How to fix it:",
         "  1. Fix the TensorFlow training/saving code and save the checkpoint again.",
-        "  2. Or load everything else with strict=False and re-estimate the statistics of "
-        "these layers from training data:",
+        "  2. Or load everything else with strict=False and re-estimate the statistics from "
+        "training data (exact population statistics; parameters are left as loaded):",
         "",
-        "         import torch, bnkit",
+        "         import bnkit",
         f"         report = bnkit.{function}(model, path, strict=False)",
-        f"         layers = [model.get_submodule(n) for n in {names!r}]",
-        "         momenta = [bn.momentum for bn in layers]",
-        "         for bn in layers:",
-        "             bn.reset_running_stats()",
-        *(
-            ["             bn.momentum = None  # cumulative average over all batches"]
-            if cumulative
-            else [
-                "             # zero-debiased / warm-up layers keep their decay: they refuse None",
-                "             if not (getattr(bn, 'zero_debias', False)",
-                "                     or getattr(bn, 'warmup', False)):",
-                "                 bn.momentum = None  # cumulative average over all batches",
-            ]
-        ),
-        "         model.train()",
-        "         with torch.no_grad(), bnkit.policies.calibrating():",
-        "             for x in train_inputs:  # a few hundred training batches, no labels needed",
-        "                 model(x)",
-        "         for bn, momentum in zip(layers, momenta):",
-        "             bn.momentum = momentum",
+        "         bnkit.recalibrate(model, train_inputs)  # a few hundred batches, no labels",
         "         model.eval()",
     ]
     return "\n".join(lines)
@@ -1499,12 +1477,6 @@ def _load(
         if plan.stat_issue:
             stat_issues.append((target.name, layer.key, plan.stat_issue))
 
-    # momentum=None (a cumulative average) cannot combine with zero-debias or warm-up.
-    modules = dict(model.named_modules())
-    cumulative = not any(
-        getattr(modules[name], "zero_debias", False) or getattr(modules[name], "warmup", False)
-        for name, *_ in stat_issues
-    )
     claimed = {layer.key for layer, _ in plans.values()}
     shape_problems = [p for _, plan in plans.values() for p in plan.problems]
     unmatched_lines = _unmatched_message(matching, parsed, claimed)
@@ -1534,7 +1506,7 @@ def _load(
                 "module to the right scope with mapping=."
             )
         if stat_issues:
-            sections.append(_stats_message(stat_issues, parsed.source, function, cumulative))
+            sections.append(_stats_message(stat_issues, parsed.source, function))
         sections.append("Nothing was loaded (strict=True).")
         raise CheckpointImportError(
             f"{function}: cannot load {parsed.source} into the model.\n\n" + "\n\n".join(sections),
@@ -1560,7 +1532,7 @@ def _load(
             f"{parsed.source} with {len(report.problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in report.problems)
             + (
-                "\n" + _stats_message(stat_issues, parsed.source, function, cumulative)
+                "\n" + _stats_message(stat_issues, parsed.source, function)
                 if stat_issues
                 else ""
             ),

@@ -1531,11 +1531,7 @@ def _load(
             f"{function}(strict=False) loaded {len(report.loaded)} module(s) from "
             f"{parsed.source} with {len(report.problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in report.problems)
-            + (
-                "\n" + _stats_message(stat_issues, parsed.source, function)
-                if stat_issues
-                else ""
-            ),
+            + ("\n" + _stats_message(stat_issues, parsed.source, function) if stat_issues else ""),
             UserWarning,
             stacklevel=3,
         )

@@ -23,12 +23,13 @@ import torch
 from torch import Tensor, nn
 
 import bnkit
-from bnkit.convert import fold
 from bnkit.policies import BatchNormWarning, calibrating
 
 # Float32 outputs and gradients of compiled and eager code differ by a few ulp where the two
 # take different kernels (e.g. the statistics of the compiled path vs PyTorch's fused kernel).
+# Gradients through batch statistics cancel (g - mean(g) - x̂·mean(g·x̂)): absolute tolerance.
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
+GRAD = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @pytest.fixture(autouse=True)
@@ -56,14 +57,25 @@ def _randomize(model: nn.Module) -> nn.Module:
     return model
 
 
-def _same(actual: Tensor | None, expected: Tensor | None, exact: bool, what: str) -> None:
+def _upstream(shape: tuple[int, ...], step: int) -> Tensor:
+    """The gradient flowing into the output (not sum(): its input gradient is ~0 for BN)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(2000 + step))
+
+
+def _same(
+    actual: Tensor | None,
+    expected: Tensor | None,
+    exact: bool,
+    what: str,
+    tolerance: dict[str, float] = TIGHT,
+) -> None:
     assert (actual is None) == (expected is None), what
     if actual is None or expected is None:
         return
     if exact:
         assert torch.equal(actual, expected), what
     else:
-        torch.testing.assert_close(actual, expected, **TIGHT, msg=what)
+        torch.testing.assert_close(actual, expected, **tolerance, msg=lambda m: f"{what}: {m}")
 
 
 def _same_state(model: nn.Module, eager: nn.Module, exact: bool, when: str) -> None:
@@ -79,11 +91,11 @@ def _adjustment(shape: torch.Size) -> tuple[Tensor, float]:
     return torch.linspace(0.5, 1.5, shape[1]), 0.25
 
 
-def _frozen_bn2d() -> nn.Module:
-    layer = bnkit.BatchNorm2d(3)
+def _frozen_bn(channels: int = 3) -> nn.Module:
+    layer = bnkit.BatchNorm2d(channels)
     with torch.no_grad():
-        layer.running_mean.copy_(torch.tensor([0.5, -0.5, 0.1]))
-        layer.running_var.copy_(torch.tensor([2.0, 0.5, 1.0]))
+        layer.running_mean.copy_(torch.linspace(-0.5, 0.5, channels))
+        layer.running_var.copy_(torch.linspace(0.5, 2.0, channels))
     layer.frozen = True
     return layer
 
@@ -140,14 +152,14 @@ CASES = {
         backend="aot_eager",
     ),
     "adjustment": Case(lambda: bnkit.BatchNorm(3, adjustment=_adjustment), (4, 3, 5)),
-    "activation": Case(lambda: bnkit.BatchNorm2d(3, activation="silu"), (4, 3, 2, 2), exact=True),
+    "activation": Case(lambda: bnkit.BatchNorm2d(3, activation="silu"), (4, 3, 2, 2)),
     "axis_last": Case(lambda: bnkit.BatchNorm(3, axis=-1), (4, 5, 3)),
     "no_running_stats": Case(
         lambda: bnkit.BatchNorm(3, track_running_stats=False), (4, 3, 5), exact=True
     ),
     "bn1d": Case(lambda: bnkit.BatchNorm1d(3), (4, 3)),
     "bn3d": Case(lambda: bnkit.BatchNorm3d(3), (4, 3, 2, 1, 2)),
-    "frozen": Case(_frozen_bn2d, (4, 3, 2, 2), exact=True),
+    "frozen": Case(_frozen_bn, (4, 3, 2, 2), exact=True),
     "slim": Case(lambda: bnkit.from_slim(3), (4, 2, 2, 3)),
     "slim_weights_zero_debias": Case(
         lambda: bnkit.from_slim(3, scale=True, zero_debias_moving_mean=True),
@@ -171,12 +183,12 @@ def test_fullgraph_compile_matches_eager_in_training_and_eval(case: Case) -> Non
         x_e, x_c = x.clone().requires_grad_(), x.clone().requires_grad_()
         y_e, y_c = eager(x_e, **case.call(step)), compiled(x_c, **case.call(step))
         _same(y_c, y_e, case.exact, f"output, step {step}")
-        grad = _data(case.shape, 100 + step)  # not sum(): its input gradient is ~0 for BN
+        grad = _upstream(y_e.shape, step)
         y_e.backward(grad)
         y_c.backward(grad)
-        _same(x_c.grad, x_e.grad, case.exact, f"input gradient, step {step}")
+        _same(x_c.grad, x_e.grad, case.exact, f"input gradient, step {step}", GRAD)
         for (name, p_c), p_e in zip(model.named_parameters(), eager.parameters(), strict=True):
-            _same(p_c.grad, p_e.grad, case.exact, f"{name}.grad, step {step}")
+            _same(p_c.grad, p_e.grad, case.exact, f"{name}.grad, step {step}", GRAD)
         _same_state(model, eager, case.exact, f"after step {step}")
     eager.eval()
     model.eval()  # a mode switch is a guard: the same compiled module recompiles for eval
@@ -195,16 +207,36 @@ def test_inductor_default_configuration_training_and_eval() -> None:
         x = _data((4, 3, 3, 3), step)
         y_e, y_c = eager(x), compiled(x)
         torch.testing.assert_close(y_c, y_e, **TIGHT)
-        grad = _data(y_e.shape, 100 + step)
+        grad = _upstream(y_e.shape, step)
         y_e.backward(grad)
         y_c.backward(grad)
         for (name, p_c), p_e in zip(model.named_parameters(), eager.parameters(), strict=True):
-            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-5, msg=name)
+            _same(p_c.grad, p_e.grad, False, f"{name}.grad, step {step}", GRAD)
         _same_state(model, eager, False, f"after step {step}")
     eager.eval()
     model.eval()
     x = _data((4, 3, 3, 3), 2)
     torch.testing.assert_close(compiled(x), eager(x), **TIGHT)
+
+
+@pytest.mark.slow
+def test_inductor_renorm_gradients_match_eager() -> None:
+    """The case pytorch/pytorch#197039 gets wrong when r and d are traced ops (see below)."""
+    torch.manual_seed(1)
+    layer = bnkit.BatchNorm(3, renorm=True, renorm_clipping={"rmin": 0.8, "rmax": 1.2})
+    eager = _randomize(nn.Sequential(nn.Conv1d(2, 3, 1), layer))
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    for step in range(3):
+        x = _data((4, 2, 5), step)
+        y_e, y_c = eager(x), compiled(x)
+        torch.testing.assert_close(y_c, y_e, **TIGHT)
+        grad = _upstream(y_e.shape, step)
+        y_e.backward(grad)
+        y_c.backward(grad)
+        for (name, p_c), p_e in zip(model.named_parameters(), eager.parameters(), strict=True):
+            _same(p_c.grad, p_e.grad, False, f"{name}.grad, step {step}", GRAD)
+        _same_state(model, eager, False, f"after step {step}")
 
 
 @pytest.mark.slow
@@ -273,8 +305,15 @@ def test_nonfinite_policy_is_read_when_tracing_and_guarded() -> None:
     layer.reset_running_stats()
     compiled(_nan_batch(2))
     assert layer.running_mean.isfinite().all()  # outside the block: "skip" again
-    layer.policy = {"nonfinite": "update"}  # the layer's own policy is guarded too
+    bnkit.set_policy(nonfinite="update")  # the global default is guarded
     compiled(_nan_batch(3))
+    assert layer.running_mean[2].isnan()
+    bnkit.set_policy()
+    layer.reset_running_stats()
+    compiled(_nan_batch(4))
+    assert layer.running_mean.isfinite().all()
+    layer.policy = {"nonfinite": "update"}  # and so is the layer's own policy
+    compiled(_nan_batch(5))
     assert layer.running_mean[2].isnan()
 
 
@@ -303,22 +342,30 @@ def test_calibrating_without_grad_compiles_as_one_graph() -> None:
 # ------------------------------------------- what does not compile as one graph
 
 
+# Dynamo itself, resuming a frame after a graph break with a non-leaf tensor, reads its .grad
+# and PyTorch warns about that (a warning in the compiler, not about the user's code).
+_RESUME_CHATTER = pytest.mark.filterwarnings(
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
+)
+
+
 def _break_reasons(module: nn.Module, *args: Any) -> list[str]:
     return [b.reason for b in torch._dynamo.explain(module)(*args).break_reasons]
 
 
-def test_renorm_breaks_the_graph_only_at_its_correction() -> None:
-    """Renorm's r and d are computed outside the graph (``@torch.compiler.disable``): inside
-    it, AOTAutograd's partitioner recomputes them in the backward from the renorm buffers,
-    after the forward has updated them in place (pytorch/pytorch#197039): inductor then gives
-    wrong γ gradients and aot_eager_decomp_partition raises."""
+@_RESUME_CHATTER
+def test_renorm_compiles_as_one_graph() -> None:
+    """Under compile renorm's r and d come from an opaque custom op: AOTAutograd's
+    partitioner would otherwise recompute them in the backward from the renorm buffers, after
+    the forward has updated them in place (pytorch/pytorch#197039: wrong γ gradients with
+    inductor, an error with aot_eager_decomp_partition)."""
     layer = bnkit.BatchNorm(3, renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5})
-    reasons = _break_reasons(layer, _data((4, 3, 5), 0))
-    assert all("torch.compiler.disable" in r for r in reasons), reasons
+    assert _break_reasons(layer, _data((4, 3, 5), 0)) == []
     assert _break_reasons(layer.eval(), _data((4, 3, 5), 0)) == []
 
 
 @pytest.mark.slow
+@_RESUME_CHATTER
 def test_renorm_compiles_with_the_partitioner_and_matches_eager() -> None:
     """aot_eager_decomp_partition: the min-cut partitioner of inductor, without its codegen."""
     eager = _randomize(
@@ -333,65 +380,92 @@ def test_renorm_compiles_with_the_partitioner_and_matches_eager() -> None:
         x = _data((4, 2, 5), step)
         y_e, y_c = eager(x), compiled(x)
         torch.testing.assert_close(y_c, y_e, **TIGHT)
-        grad = _data(y_e.shape, 100 + step)
+        grad = _upstream(y_e.shape, step)
         y_e.backward(grad)
         y_c.backward(grad)
         for (name, p_c), p_e in zip(model.named_parameters(), eager.parameters(), strict=True):
-            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-5, msg=name)
+            _same(p_c.grad, p_e.grad, False, f"{name}.grad, step {step}", GRAD)
         _same_state(model, eager, False, f"after step {step}")
 
 
 def test_no_grad_training_warning_is_python_and_breaks_the_graph() -> None:
     """The forgotten-``model.eval()`` warning (and ``"raise"``) is Python: a compiled
-    training-mode call without gradients cannot be one graph unless the policy is
-    ``"ignore"`` or the call runs inside ``calibrating()``."""
+    training-mode call without gradients is one graph only with the policy ``"ignore"`` or
+    inside ``calibrating()``."""
     layer = bnkit.BatchNorm2d(3)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
     x = _data((4, 3, 2, 2), 0)
-    with torch.no_grad():
-        reasons = _break_reasons(layer, x)  # explain() runs the code once: it warns
-    assert any("warn" in r for r in reasons), reasons
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported, match="warn"):
+        compiled(x)
     with torch.no_grad(), bnkit.policy(no_grad_training="ignore"):
-        assert _break_reasons(layer, x) == []
+        compiled(x)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_input_errors_reach_the_caller_of_a_compiled_layer() -> None:
+    """bnkit's errors are raised while tracing; without fullgraph they surface unchanged (with
+    fullgraph=True Dynamo wraps them: ``Unsupported: Observed exception``, message inside)."""
+    compiled = torch.compile(bnkit.BatchNorm2d(3), backend="eager")
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        compiled(_data((4, 5, 2, 2), 0))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        compiled(_data((1, 3, 1, 1), 0))
 
 
 # ------------------------------------------------------------------ torch.export
 
-EXPORT_MODELS = {
-    "default": lambda: nn.Sequential(nn.Conv2d(3, 4, 1), bnkit.BatchNorm2d(4), nn.ReLU()),
-    "activation": lambda: nn.Sequential(
-        nn.Conv2d(3, 4, 1), bnkit.BatchNorm2d(4, activation="gelu")
-    ),
-    "axis_last": lambda: nn.Sequential(nn.Linear(3, 4), bnkit.BatchNorm(4, axis=-1)),
-    "slim": lambda: nn.Sequential(
-        nn.Conv2d(3, 4, 1), bnkit.from_slim(4, data_format="NCHW", scale=True)
-    ),
-    "keras": lambda: nn.Sequential(nn.Linear(3, 4), bnkit.from_keras(4)),
-    "renorm_ghosts": lambda: nn.Sequential(
-        nn.Conv2d(3, 4, 1), bnkit.BatchNorm2d(4, renorm=True, virtual_batch_size=2)
+
+def _conv(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 1), norm)
+
+
+def _linear(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), norm)
+
+
+# model, input shape: (N, C, H, W) into a convolution or (N, L, C) into a Linear layer
+EXPORT_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "default": (lambda: _conv(bnkit.BatchNorm2d(4)), (4, 3, 2, 2)),
+    "activation": (lambda: _conv(bnkit.BatchNorm2d(4, activation="gelu")), (4, 3, 2, 2)),
+    "axis_last": (lambda: _linear(bnkit.BatchNorm(4, axis=-1)), (4, 5, 3)),
+    "slim": (lambda: _conv(bnkit.from_slim(4, data_format="NCHW", scale=True)), (4, 3, 2, 2)),
+    "keras": (lambda: _linear(bnkit.from_keras(4)), (4, 5, 3)),
+    "renorm_ghosts": (
+        lambda: _conv(bnkit.BatchNorm2d(4, renorm=True, virtual_batch_size=2)),
+        (4, 3, 2, 2),
     ),
 }
 
 
-def _trained(make: Callable[[], nn.Module], x: Tensor) -> nn.Module:
-    """A model whose running statistics moved away from their initial values."""
+def _trained(make: Callable[[], nn.Module], shape: tuple[int, ...]) -> nn.Module:
+    """A model (in eval mode) whose running statistics moved away from their initial values."""
     model = _randomize(make())
     for step in range(3):
-        model(x * (1 + step) + step)
+        model(_data(shape, step))
     return model.eval()
 
 
-@pytest.mark.parametrize("make", EXPORT_MODELS.values(), ids=EXPORT_MODELS.keys())
-def test_export_in_eval_mode_matches_eager(make: Callable[[], nn.Module]) -> None:
-    x = _data((4, 5, 3) if "Linear" in repr(make()) else (4, 3, 2, 2), 0)
-    model = _trained(make, x)
-    exported = torch.export.export(model, (x,))
-    y = exported.module()(_data(x.shape, 1))
-    assert torch.equal(y, model(_data(x.shape, 1)))
+@pytest.mark.parametrize(("make", "shape"), EXPORT_MODELS.values(), ids=EXPORT_MODELS.keys())
+def test_export_in_eval_mode_matches_eager(
+    make: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> None:
+    model = _trained(make, shape)
+    exported = torch.export.export(model, (_data(shape, 0),))
+    x = _data(shape, 1)
+    assert torch.equal(exported.module()(x), model(x))
+
+
+def test_export_of_a_frozen_layer_in_training_mode_uses_running_statistics() -> None:
+    model = _randomize(_conv(_frozen_bn(4))).train()
+    exported = torch.export.export(model, (_data((4, 3, 2, 2), 0),))
+    x = _data((4, 3, 2, 2), 1)
+    assert torch.equal(exported.module()(x), model.eval()(x))
 
 
 def test_export_eval_with_a_dynamic_batch_dimension() -> None:
-    x = _data((4, 3, 2, 2), 0)
-    model = _trained(EXPORT_MODELS["default"], x)
+    make, shape = EXPORT_MODELS["default"]
+    model = _trained(make, shape)
+    x = _data(shape, 0)
     batch = torch.export.Dim("batch", min=1)
     exported = torch.export.export(model, (x,), dynamic_shapes={"input": {0: batch}})
     for n in (1, 7):
@@ -401,7 +475,7 @@ def test_export_eval_with_a_dynamic_batch_dimension() -> None:
 
 def test_export_in_training_mode_captures_the_statistics_update() -> None:
     """A training-mode export bakes the mode in and updates the running buffers in place."""
-    eager = _randomize(bnkit.BatchNorm2d(3))
+    eager = _randomize(nn.Sequential(bnkit.BatchNorm2d(3)))
     exported = torch.export.export(copy.deepcopy(eager), (_data((4, 3, 2, 2), 0),)).module()
     for step in range(2):
         x = _data((4, 3, 2, 2), step)
@@ -410,30 +484,47 @@ def test_export_in_training_mode_captures_the_statistics_update() -> None:
         torch.testing.assert_close(exported.get_buffer(name), value, **TIGHT, msg=name)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_of_a_layer_as_the_root_module(strict: bool) -> None:
+    """A bare layer exports in both modes, with renorm and zero-debias buffers too: bnkit
+    registers the None placeholders of options that are off after its real buffers (torch
+    2.13's non-strict export numbers a root's buffers counting None ones before a real one)."""
+    for make in (
+        lambda: bnkit.BatchNorm2d(3),
+        lambda: bnkit.BatchNorm(3, renorm=True, zero_debias="mean"),
+    ):
+        layer = _trained(make, (4, 3, 2, 2))
+        x = _data((4, 3, 2, 2), 1)
+        exported = torch.export.export(layer, (x,), strict=strict)
+        assert torch.equal(exported.module()(x), layer(x))
+
+
+def _conv_bn_relu() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, activation="relu"))
+
+
 def test_folded_model_exports_and_matches_eager() -> None:
-    x = _data((4, 3, 3, 3), 0)
-    make = lambda: nn.Sequential(  # noqa: E731
-        nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, activation="relu"), nn.Flatten(), nn.Linear(4, 2)
-    )
-    model = _trained(make, x)
-    folded, report = fold(model)
+    shape = (4, 3, 3, 3)
+    model = _trained(lambda: nn.Sequential(_conv_bn_relu(), nn.Flatten(), nn.Linear(4, 2)), shape)
+    folded, report = bnkit.fold(model)
     assert len(report.folded) == 1
+    x = _data(shape, 5)
     exported = torch.export.export(folded, (x,))
     assert not any(isinstance(m, bnkit.BatchNorm) for m in exported.module().modules())
     torch.testing.assert_close(exported.module()(x), model(x), **TIGHT)
 
 
 def test_folded_model_exports_to_onnx(tmp_path) -> None:
-    onnx = pytest.importorskip("onnx", reason="ONNX export check needs the onnx package")
+    onnx = pytest.importorskip("onnx", reason="the ONNX export check needs the onnx package")
     pytest.importorskip("onnxscript", reason="torch.onnx.export (dynamo) needs onnxscript")
-    x = _data((2, 3, 6, 6), 0)
-    make = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, activation="relu"))  # noqa: E731
-    model = _trained(make, x)
-    folded, _ = fold(model)
+    shape = (2, 3, 6, 6)
+    model = _trained(_conv_bn_relu, shape)
+    folded, _ = bnkit.fold(model)
+    x = _data(shape, 5)
     path = tmp_path / "folded.onnx"
     with warnings.catch_warnings():
-        # onnxscript's own deprecation chatter (torch's pytree API), not bnkit's
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+        # onnxscript's own deprecation chatter about torch's pytree API, not bnkit's
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
         torch.onnx.export(folded, (x,), path, dynamo=True)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
@@ -442,7 +533,7 @@ def test_folded_model_exports_to_onnx(tmp_path) -> None:
     try:
         import onnxruntime
     except ImportError:
-        return  # the graph is valid ONNX; numerics need a runtime
+        return  # valid ONNX; comparing its numerics needs a runtime
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(y), model(x), **TIGHT)

@@ -120,7 +120,7 @@ def _channel_view(v: Tensor, ndim: int, axis: int) -> Tensor:
 def _weight_total(w: Tensor, shape: Sequence[int], dims: tuple[int, ...]) -> Tensor:
     """Sum of ``w`` broadcast to ``shape`` over ``dims`` (keepdim), without materializing it."""
     total = w.sum(dim=[d for d in dims if w.shape[d] != 1], keepdim=True) if dims else w
-    repeat = math.prod(shape[d] for d in dims if w.shape[d] == 1)
+    repeat = math.prod([shape[d] for d in dims if w.shape[d] == 1])
     return total * repeat if repeat != 1 else total
 
 
@@ -189,7 +189,7 @@ def moments(
     dims_t = _as_dims(dims, x.ndim)
     xf = x.to(compute_dtype(x.dtype))
     if weights is None:
-        count = float(math.prod(xf.shape[d] for d in dims_t))
+        count = float(math.prod([xf.shape[d] for d in dims_t]))
         total = torch.full((), count, dtype=xf.dtype, device=xf.device)
         shift = xf.mean(dim=dims_t, keepdim=True).detach()
         centered = xf - shift
@@ -300,7 +300,8 @@ def align_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor:
 def _one_value_per_channel(x: Tensor, axis: int, virtual_batch_size: int | None) -> bool:
     """True when each channel (of each ghost batch) has a single value to take statistics of."""
     group = virtual_batch_size if virtual_batch_size is not None else x.shape[0]
-    return group * math.prod(s for d, s in enumerate(x.shape) if d not in (0, axis)) == 1
+    # math.prod of a list, not of a generator: torch.compile cannot trace the generator form.
+    return group * math.prod([s for d, s in enumerate(x.shape) if d not in (0, axis)]) == 1
 
 
 def _check_values_per_channel(x: Tensor, axis: int, virtual_batch_size: int | None) -> None:
@@ -354,11 +355,61 @@ def _unbiased(var: Tensor, count: Tensor) -> Tensor:
     return var * (count / torch.clamp(count - 1.0, min=1.0))
 
 
-# Computed outside any compiled graph: AOTAutograd's partitioner would otherwise save the
-# renorm buffers themselves and recompute r and d from them in backward, after the running
-# update has changed them in place ("modified by an inplace operation" under torch.compile).
-# Cloning them first does not help: the clone is recomputed from the buffer too.
-@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _renorm_terms(
+    mean: Tensor,
+    var: Tensor,
+    renorm_mean: Tensor,
+    renorm_stddev: Tensor,
+    eps: float,
+    rmin: float | None,
+    rmax: float | None,
+    dmax: float | None,
+) -> tuple[Tensor, Tensor]:
+    stddev = torch.sqrt(var + eps)
+    denom = torch.clamp(renorm_stddev.to(var.dtype), min=math.sqrt(eps))
+    r = stddev / denom
+    d = (mean - renorm_mean.to(mean.dtype)) / denom
+    if rmin is not None:
+        r = torch.clamp(r, min=rmin)
+    if rmax is not None:
+        r = torch.clamp(r, max=rmax)
+    if dmax is not None:
+        d = torch.clamp(d, min=-dmax, max=dmax)
+    return r.detach(), d.detach()
+
+
+# Under torch.compile, r and d come from an opaque custom op: AOTAutograd's min-cut
+# partitioner never recomputes one in the backward, and recomputing r and d there would read
+# the renorm buffers after the forward has updated them in place (wrong γ gradients with
+# inductor; pytorch/pytorch#197039). Its result is saved instead.
+@torch.library.custom_op("bnkit::renorm_correction", mutates_args=())
+def _renorm_terms_op(
+    mean: Tensor,
+    var: Tensor,
+    renorm_mean: Tensor,
+    renorm_stddev: Tensor,
+    eps: float,
+    rmin: float | None,
+    rmax: float | None,
+    dmax: float | None,
+) -> tuple[Tensor, Tensor]:
+    return _renorm_terms(mean, var, renorm_mean, renorm_stddev, eps, rmin, rmax, dmax)
+
+
+@_renorm_terms_op.register_fake
+def _renorm_terms_fake(
+    mean: Tensor,
+    var: Tensor,
+    renorm_mean: Tensor,
+    renorm_stddev: Tensor,
+    eps: float,
+    rmin: float | None,
+    rmax: float | None,
+    dmax: float | None,
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(var), torch.empty_like(mean)
+
+
 def _renorm_correction(
     mean: Tensor,
     var: Tensor,
@@ -372,19 +423,13 @@ def _renorm_correction(
     ``r = sqrt(var + eps) / max(renorm_stddev, sqrt(eps))``, ``d = (mean - renorm_mean) /
     max(renorm_stddev, sqrt(eps))``, then r clipped to [rmin, rmax] and d to [-dmax, dmax].
     """
-    stddev = torch.sqrt(var + eps)
-    denom = torch.clamp(renorm_stddev.to(var.dtype), min=math.sqrt(eps))
-    r = stddev / denom
-    d = (mean - renorm_mean.to(mean.dtype)) / denom
     clip = clipping or {}
-    if clip.get("rmin") is not None:
-        r = torch.clamp(r, min=float(clip["rmin"]))
-    if clip.get("rmax") is not None:
-        r = torch.clamp(r, max=float(clip["rmax"]))
-    if clip.get("dmax") is not None:
-        dmax = float(clip["dmax"])
-        d = torch.clamp(d, min=-dmax, max=dmax)
-    return r.detach(), d.detach()
+    rmin, rmax, dmax = (
+        None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")
+    )
+    terms = _renorm_terms_op if torch.compiler.is_compiling() else _renorm_terms
+    r, d = terms(mean.detach(), var.detach(), renorm_mean, renorm_stddev, eps, rmin, rmax, dmax)
+    return r, d
 
 
 def _affine_terms(
@@ -575,7 +620,7 @@ def _reference_normalize(
     mean, var = moments(xf, dims, weights=w, keepdim=True)
     xhat = (xf - mean) * torch.rsqrt(var + eps)
     if w is None:
-        count = torch.full_like(mean, float(math.prod(xf.shape[d] for d in dims)))
+        count = torch.full_like(mean, float(math.prod([xf.shape[d] for d in dims])))
     else:
         count = _weight_total(w, xf.shape, dims).expand_as(mean)
     if ghost_dim is not None:

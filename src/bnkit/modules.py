@@ -293,8 +293,6 @@ class BatchNorm(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-        for name in _STAT_BUFFERS:
-            self.register_buffer(name, None)
         self.num_batches_tracked: Tensor | None
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **stats))
@@ -313,6 +311,12 @@ class BatchNorm(nn.Module):
                     self.register_buffer(name, torch.zeros(num_features, **stats))
         else:
             self.register_buffer("num_batches_tracked", None)
+        # Options that are off still have their attribute, as None. Registered after the real
+        # buffers: torch.export numbers a root module's buffers counting the None ones before
+        # a real one (an IndexError in non-strict export of a bare layer, torch 2.13).
+        for name in _STAT_BUFFERS:
+            if name not in self._buffers:
+                self.register_buffer(name, None)
         self.reset_parameters()
 
     # ----------------------------------------------------------------- state
@@ -609,7 +613,16 @@ class BatchNorm(nn.Module):
         ok = running.all_finite(state)
         if torch.compiler.is_compiling():
             # No data-dependent Python in a compiled graph: keep or restore with tensor ops.
+            # The skip is neither warned about nor counted; "raise" is an in-graph assertion
+            # (RuntimeError), checked after the restore.
             running.restore_(state, before, keep=ok)
+            if nonfinite == "raise":
+                torch._assert_async(
+                    ok,
+                    f"{self._display_name()}: this training batch has non-finite statistics "
+                    "(NaN or inf in the input); the running statistics were left unchanged "
+                    "(policy nonfinite='raise', under torch.compile)",
+                )
             return
         if bool(ok):
             return
@@ -775,6 +788,10 @@ class BatchNorm(nn.Module):
             parts.append(f"renorm_momentum={_fmt(m)} (renorm_decay={_fmt(1.0 - m)})")
         if self.virtual_batch_size is not None:
             parts.append(f"ghost_layout={self.ghost_layout!r}")
+        if self.frozen:
+            parts.append("frozen=True")
+        if self.policy:
+            parts.append(f"policy={self.policy!r}")
         return ", ".join(parts)
 
 

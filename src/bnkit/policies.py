@@ -35,6 +35,8 @@ import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
+
 __all__ = [
     "POLICIES",
     "BatchNormWarning",
@@ -64,6 +66,12 @@ _scoped: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
 _calibrating: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "bnkit_calibrating", default=False
 )
+# torch.compile cannot read a ContextVar (Dynamo does not trace ContextVar.get), so compiled
+# code reads these plain mirrors of the innermost policy() / calibrating() block instead.
+# Dynamo guards on what it reads from them: a graph traced outside a block is recompiled
+# inside it. They are process-wide, not per thread or task.
+_scoped_compiled: dict[str, str] = {}
+_calibrating_compiled: dict[str, bool] = {"active": False}
 
 
 def check_policies(policies: Mapping[str, Any]) -> dict[str, str]:
@@ -103,11 +111,17 @@ def set_policy(**policies: str) -> None:
 @contextlib.contextmanager
 def policy(**policies: str) -> Iterator[None]:
     """Use these policies inside the block (layers with their own setting keep it)."""
-    token = _scoped.set({**_scoped.get(), **check_policies(policies)})
+    scoped = {**_scoped.get(), **check_policies(policies)}
+    token = _scoped.set(scoped)
+    outer = dict(_scoped_compiled)
+    _scoped_compiled.clear()
+    _scoped_compiled.update(scoped)
     try:
         yield
     finally:
         _scoped.reset(token)
+        _scoped_compiled.clear()
+        _scoped_compiled.update(outer)
 
 
 def get_policy(name: str, layer: Mapping[str, str] | None = None) -> str:
@@ -116,6 +130,8 @@ def get_policy(name: str, layer: Mapping[str, str] | None = None) -> str:
         raise ValueError(f"unknown policy {name!r}; the policies are {sorted(POLICIES)}")
     if layer and name in layer:
         return layer[name]
+    if torch.compiler.is_compiling():
+        return _scoped_compiled.get(name, _global[name])
     return _scoped.get().get(name, _global[name])
 
 
@@ -123,14 +139,19 @@ def get_policy(name: str, layer: Mapping[str, str] | None = None) -> str:
 def calibrating() -> Iterator[None]:
     """Mark training-mode forwards without gradients as intended (statistics estimation)."""
     token = _calibrating.set(True)
+    outer = _calibrating_compiled["active"]
+    _calibrating_compiled["active"] = True
     try:
         yield
     finally:
         _calibrating.reset(token)
+        _calibrating_compiled["active"] = outer
 
 
 def is_calibrating() -> bool:
     """True inside :func:`calibrating`."""
+    if torch.compiler.is_compiling():
+        return _calibrating_compiled["active"]
     return _calibrating.get()
 
 

@@ -368,6 +368,12 @@ def kernel_momentum(
     Returns:
         The momentum for this step, or None when the rule needs :func:`update_running_stats_`.
     """
+    if torch.compiler.is_compiling():
+        # Not under torch.compile: PyTorch's kernel saves the buffers it updates for its
+        # backward, and the non-finite guard's tensor-only restore writes them again in the
+        # same graph ("modified by an inplace operation" in backward); the cumulative average
+        # would also read the counter on the host. update_running_stats_ does neither.
+        return None
     if running_var != "unbiased" or rule.warmup or rule.zero_debias:
         return None
     if state.stddev is not None or state.renorm_mean is not None:

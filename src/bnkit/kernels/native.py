@@ -37,6 +37,11 @@ def statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     Half-precision input is reduced in float32 (the kernel would return half statistics).
     """
     xs = x.float() if x.dtype in _HALF else x
+    if torch.compiler.is_compiling():
+        # batch_norm_update_stats has no meta kernel: torch.compile cannot trace it with
+        # dynamic shapes (e.g. after a smaller last batch). var_mean traces.
+        var, mean = torch.var_mean(xs, dim=[d for d in range(xs.ndim) if d != 1], correction=0)
+        return mean, var
     mean, var = torch.batch_norm_update_stats(xs, None, None, 1.0)
     return mean, var
 

@@ -97,6 +97,13 @@ def weighted_moments(x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor
     >>> weighted_moments(x, torch.tensor([[1.0], [1.0], [0.0]]))
     (tensor([2.]), tensor([1.]), tensor([2.]))
     """
-    if weights.ndim == x.ndim and _per_sample(weights) and x.ndim > 2 and x.is_contiguous():
+    if (
+        weights.ndim == x.ndim
+        and _per_sample(weights)
+        and x.ndim > 2
+        and x.is_contiguous()
+        # batch_norm_update_stats has no meta kernel for torch.compile's dynamic shapes
+        and not torch.compiler.is_compiling()
+    ):
         return _pooled_per_sample(x, weights)
     return _blas(x, weights)

@@ -272,3 +272,9 @@ def test_autocast_bfloat16_on_cpu() -> None:
     )
     assert model[0].weight.grad is not None
     assert torch.isfinite(model[0].weight.grad).all()
+
+
+def test_warnings_name_the_layer_by_its_path_without_name_layers() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Sequential(bnkit.BatchNorm(3)))
+    with torch.no_grad(), pytest.warns(BatchNormWarning, match=r"BatchNorm\(3\) '1\.0'"):
+        model(torch.randn(4, 4))

@@ -6,6 +6,7 @@ The module holds parameters and buffers, checks its input, and calls the functio
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -582,8 +583,28 @@ class BatchNorm(nn.Module):
 
     def _display_name(self) -> str:
         name = self.layer_name or getattr(self, "tf_scope", None)
+        if name is None and not torch.compiler.is_compiling():
+            name = self._path_in_calling_model()
         short = f"{type(self).__name__}({self.num_features})"
         return f"{short} {name!r}" if name else short
+
+    def _path_in_calling_model(self) -> str | None:
+        """This layer's path in the outermost module whose forward is running, if any.
+
+        A layer does not know its parent; the modules that called it are on the stack. Only
+        used to word a warning or an error, so the frame walk costs nothing in the hot path.
+        """
+        path = None
+        frame = inspect.currentframe()
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and owner is not self:
+                for name, module in owner.named_modules():
+                    if module is self:
+                        path = name  # keep walking out: the outermost model names it fully
+                        break
+            frame = frame.f_back
+        return path
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

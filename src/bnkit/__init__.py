@@ -22,6 +22,7 @@ from bnkit.convert import (
     train_mode,
     unfreeze,
 )
+from bnkit.doctor import Report, diagnose
 from bnkit.ema import ExponentialMovingAverage
 from bnkit.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnkit.optim import apply_constraints, param_groups, regularization_loss
@@ -51,9 +52,11 @@ __all__ = [
     "FoldResult",
     "ImportReport",
     "LoadReport",
+    "Report",
     "__version__",
     "apply_constraints",
     "convert",
+    "diagnose",
     "eval_mode",
     "fold",
     "freeze",

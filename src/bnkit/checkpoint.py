@@ -178,6 +178,8 @@ class Finding:
             ``"missing-keys"``, ``"unexpected-keys"``, ``"newer-format"``.
         message: what is wrong, with the numbers.
         fix: what to do about it.
+        evidence: the numbers behind the finding, by name (JSON-safe values; ``bnkit
+            doctor`` fills it, ``verify`` leaves it empty). Not part of equality.
 
     Example:
         >>> f = Finding("error", "bn1", "non-finite", "running_var has 1 NaN of 4 values", "...")
@@ -190,6 +192,7 @@ class Finding:
     code: str
     message: str
     fix: str
+    evidence: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __str__(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""Command line: ``bnkit demo`` and ``bnkit bench`` (also ``python -m bnkit``).
+"""Command line: ``bnkit demo``, ``bnkit doctor`` and ``bnkit bench`` (also ``python -m bnkit``).
 
 The CLI parses arguments and prints; the work happens in library functions.
 """
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bnkit.demo import cli as demo_cli
 
     demo_parser = commands.add_parser(
-        "demo", help="train on embedded data and show train/eval/restored results"
+        "demo", help="the seed documents' TF batch-norm failures and bnkit's answers"
     )
     demo_cli.add_arguments(demo_parser)
     demo_parser.set_defaults(handler=demo_cli.run)
@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(handler=bench.run_cli)
+
+    from bnkit import doctor
+
+    doctor_parser = commands.add_parser(
+        "doctor",
+        help="find, explain and repair broken batch-norm statistics in checkpoints",
+        description="Check batch-norm statistics in checkpoints (PyTorch, safetensors, "
+        "TensorFlow, Keras); with --model and --data also against data; --fix repairs. "
+        "Exit status: 0 healthy, 1 problems found, 2 usage or input error.",
+    )
+    doctor.add_arguments(doctor_parser)
+    doctor_parser.set_defaults(handler=doctor.run_cli)
     return parser
 
 

@@ -1,71 +1,77 @@
-"""``bnkit demo``: argument parsing and printing for the demo scenarios."""
+"""``bnkit demo``: argument parsing and printing; the work is :func:`bnkit.demo.run_demo`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any
 
-from bnkit.demo.digits import DigitsResult, run_digits
+from bnkit.demo.runner import SCENARIOS, run_demo
+
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``bnkit demo`` options."""
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per step")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _progress_bar(enabled: bool) -> Callable[[Iterable[Any]], Iterable[Any]] | None:
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return lambda it: tqdm(it, desc="training", unit="epoch", file=sys.stderr, leave=False)
-
-
-def format_result(result: DigitsResult) -> str:
-    """Render a demo result as a short report."""
-    rows = [
-        ("train split, last epoch in train mode", result.train_accuracy_train_mode),
-        ("test split, eval mode (running statistics)", result.test_accuracy_eval_mode),
-        ("test split, restored from the saved checkpoint", result.test_accuracy_restored),
-        ("test split, running statistics never updated", result.test_accuracy_stale_statistics),
-    ]
-    width = max(len(label) for label, _ in rows)
-    lines = [
-        "bnkit demo: a small CNN with bnkit batch norm on scikit-learn's digits (8x8 images)",
-        f"  {result.train_samples} training / {result.test_samples} test images, "
-        f"{result.epochs} epochs",
-        f"  first layer: {result.first_layer}",
-        "",
-        f"  {'':{width}}  accuracy",
-    ]
-    lines += [f"  {label:{width}}  {value:8.1%}" for label, value in rows]
-    same = "bit-identical" if result.restored_outputs_identical else "DIFFERENT (bug!)"
-    lines += [
-        "",
-        f"  restored model outputs vs trained model: {same}",
-        "  The last row is the classic TF 1.x failure (UPDATE_OPS never run): evaluation",
-        "  normalizes with mean 0 / variance 1 instead of the data's statistics.",
-    ]
-    return "\n".join(lines)
+    """Register the ``bnkit demo`` options on ``parser``."""
+    parser.description = (
+        "Run the batch-norm failures of the seed documents (TF 1.x blog and Q&A posts) on "
+        "embedded data, each against bnkit's answer and what `bnkit doctor` says. Prints a "
+        "report and writes report.md, PNG plots and checkpoints into --out."
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="shorter training, same scenarios (for CI)"
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        action="append",
+        help="run only this scenario (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--out",
+        default="bnkit-demo",
+        metavar="DIR",
+        help="output directory for report.md, plots and checkpoints (default: ./bnkit-demo)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch threads while the demo runs (default 1: fastest for its small tensors)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo and print the report; returns the exit status."""
-    if args.epochs < 1 or args.batch_size < 2:
-        print("bnkit demo: --epochs must be >= 1 and --batch-size >= 2", file=sys.stderr)
+    """Run the demo and print the report.
+
+    Returns:
+        0 when the demo's invariants held (restored models reproduce the saved ones
+        exactly), 1 otherwise, 2 for unusable arguments.
+    """
+    from bnkit.demo.report import render_text
+
+    out = str(args.out)
+    if not out:
+        print("bnkit demo: --out must name a directory", file=sys.stderr)
         return 2
-    result = run_digits(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=_progress_bar(not args.no_progress),
-    )
-    print(format_result(result))
-    return 0 if result.restored_outputs_identical else 1
+    if args.threads < 1:
+        print("bnkit demo: --threads must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        result = run_demo(
+            out,
+            quick=args.quick,
+            scenarios=args.scenario or SCENARIOS,
+            seed=args.seed,
+            progress=not args.no_progress,
+            plots=not args.no_plots,
+            threads=args.threads,
+        )
+    except (FileExistsError, NotADirectoryError) as err:
+        print(f"bnkit demo: cannot write into {out!r}: {err}", file=sys.stderr)
+        return 2
+    print(render_text(result))
+    return 0 if result.ok else 1

@@ -211,7 +211,8 @@ def test_keras_fit_and_save_h5(tmp_path: Path, capsys: pytest.CaptureFixture[str
     model = keras.Sequential(
         [
             keras.layers.Dense(8, input_shape=(6,)),
-            keras.layers.BatchNormalization(momentum=0.5),
+            # Named: Keras numbers unnamed layers per process (batch_normalization_2, ...).
+            keras.layers.BatchNormalization(momentum=0.5, name="bn"),
             keras.layers.Dense(1),
         ]
     )
@@ -225,6 +226,6 @@ def test_keras_fit_and_save_h5(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 0, out
     report = diagnose(state=tmp_path / "m.h5")
     (layer,) = report.layers
-    assert layer.name == "batch_normalization"
+    assert layer.name == "bn"
     assert (layer.steps, layer.steps_from) == (20, "optimizer iterations")
     assert layer.decay == pytest.approx(0.5)

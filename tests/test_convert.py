@@ -354,19 +354,38 @@ def test_convert_refuses_uninitialized_lazy_layer_without_touching_the_model() -
     assert type(net[0]) is nn.BatchNorm1d
 
 
-def test_convert_sync_batch_norm_warns_and_becomes_generic_batch_norm() -> None:
+def test_convert_sync_batch_norm_keeps_synchronization_in_a_generic_batch_norm() -> None:
     torch.manual_seed(7)
+    group = object()  # stands in for a process group: carried over by identity
     net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(OrderedDict(sync=nn.SyncBatchNorm(4))))
+    net[1].sync.process_group = group
     reference = copy.deepcopy(net)
-    with pytest.warns(UserWarning, match=r"SyncBatchNorm.*1\.sync"):
-        convert(net)
+    convert(net)  # filterwarnings=error: no warning any more
     layer = net[1].sync
     assert type(layer) is bnkit.BatchNorm
     assert layer.axis == 1
+    assert layer.sync
+    assert layer.process_group is group
+    # Outside torch.distributed a synchronized layer is a plain one (tests/test_distributed.py
+    # checks the synchronization itself).
     # Any rank >= 2, as SyncBatchNorm: (N, C) through the net, and (N, C, L) directly.
     assert_same_run(reference, net, shape=(6, 3))
     x = torch.randn(5, 4, 3)
     assert torch.equal(layer.eval()(x), reference[1].sync.eval()(x))
+
+
+def test_convert_sync_option_turns_synchronization_on_or_off() -> None:
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.SyncBatchNorm(3))
+    synced = convert(copy.deepcopy(net), sync=True)
+    assert [m.sync for m in synced] == [True, True]
+    assert [m.process_group for m in synced] == [None, None]
+    plain = convert(copy.deepcopy(net), sync=False)  # explicit: SyncBatchNorm's is dropped
+    assert [m.sync for m in plain] == [False, False]
+    group = object()
+    grouped = convert(copy.deepcopy(net), sync=True, process_group=group)
+    assert all(m.process_group is group for m in grouped)
+    with pytest.raises(ValueError, match=r"process_group.*sync=True"):
+        convert(copy.deepcopy(net), process_group=group)
 
 
 def test_convert_refuses_hooks_without_touching_the_model() -> None:
@@ -560,9 +579,8 @@ def test_to_torch_generic_as_rejects_other_classes() -> None:
 def test_to_torch_sync_round_trip() -> None:
     torch.manual_seed(8)
     reference = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4))
-    with pytest.warns(UserWarning, match="SyncBatchNorm"):
-        converted = convert(copy.deepcopy(reference))
-    back = to_torch(converted, generic_as=nn.SyncBatchNorm)
+    converted = convert(copy.deepcopy(reference))
+    back = to_torch(converted)  # synchronized layers go back to SyncBatchNorm by themselves
     assert type(back[1]) is nn.SyncBatchNorm
     assert_same_run(reference, back, shape=(6, 3))
 

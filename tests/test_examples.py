@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +36,24 @@ def test_masked_sequences_mask_recovers_the_real_statistics(capsys):
     assert var_unmasked > var + 0.3
     example.main()
     assert "with weights=mask" in capsys.readouterr().out
+
+
+def test_ddp_train_under_torchrun_ends_with_identical_statistics() -> None:
+    # Two processes with uneven shares (17 and 13 of 30 samples), as torchrun starts them.
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(EXAMPLES / "ddp_train.py"),
+        "--steps",
+        "6",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stats = dict(re.findall(r"^rank (\d+): (running_mean .*)$", done.stdout, re.MULTILINE))
+    assert sorted(stats) == ["0", "1"], done.stdout
+    assert stats["0"] == stats["1"]  # the running statistics, printed in full on each rank
+    assert "identical on all 2 ranks: True" in done.stdout

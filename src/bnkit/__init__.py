@@ -22,6 +22,7 @@ from bnkit.convert import (
     train_mode,
     unfreeze,
 )
+from bnkit.distributed import sync_running_stats
 from bnkit.doctor import Report, diagnose
 from bnkit.ema import ExponentialMovingAverage
 from bnkit.modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -75,6 +76,7 @@ __all__ = [
     "running",
     "save",
     "set_policy",
+    "sync_running_stats",
     "to_torch",
     "train_mode",
     "unfreeze",

@@ -614,7 +614,8 @@ def recalibrate(
     Under ``torch.distributed`` (more than one process) each rank runs its own ``data`` and
     the statistics are pooled exactly over all ranks (see the module docs); ranks may have
     different numbers of batches unless the model synchronizes batch norm in its forward
-    (``SyncBatchNorm``), which needs the same number on every rank. Every rank must call
+    (``SyncBatchNorm``, bnkit layers with ``sync=True``), which needs the same number on
+    every rank. Every rank must call
     ``recalibrate``; an error on one rank leaves the others waiting in the collective until
     the process group's timeout.
 

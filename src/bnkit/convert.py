@@ -232,6 +232,10 @@ def _to_bnkit(old: _BatchNorm, options: dict[str, Any]) -> BatchNorm:
     settings: dict[str, Any] = {"eps": old.eps, "momentum": old.momentum}
     if "decay" in options:
         del settings["momentum"]
+    if isinstance(old, nn.SyncBatchNorm) and "sync" not in options:
+        # Synchronization carries over, with the layer's own process group.
+        settings["sync"] = True
+        settings["process_group"] = old.process_group
     settings.update(_fresh(options))
     new: BatchNorm
     build: Callable[..., BatchNorm] = cls
@@ -277,7 +281,8 @@ def convert(model: nn.Module, **options: Any) -> nn.Module:
 
     ``torch.nn.BatchNorm1d/2d/3d`` (and materialized ``LazyBatchNorm1d/2d/3d``) become
     ``bnkit.BatchNorm1d/2d/3d``; ``torch.nn.SyncBatchNorm``, which accepts any input rank
-    >= 2, becomes ``bnkit.BatchNorm(axis=1)``. Each new layer keeps the old layer's
+    >= 2, becomes ``bnkit.BatchNorm(axis=1, sync=True)`` with its ``process_group`` (unless
+    ``sync`` is among the options). Each new layer keeps the old layer's
     Parameters (the same objects, so optimizers holding them keep working), its running
     statistics and ``num_batches_tracked`` (the same tensors), ``eps``, ``momentum``
     (``None`` included), affine and ``track_running_stats`` configuration, device, dtype and
@@ -291,7 +296,9 @@ def convert(model: nn.Module, **options: Any) -> nn.Module:
         model: any module; it may itself be a batch-norm layer.
         **options: ``bnkit.BatchNorm`` keywords applied to every converted layer, e.g.
             ``running_var="biased"``, ``warmup=True``, ``renorm=True``, ``activation="relu"``,
-            or ``momentum``/``decay``/``eps`` to override the layers' own. Options fixed by
+            or ``momentum``/``decay``/``eps`` to override the layers' own; ``sync=True``
+            (with an optional ``process_group``) synchronizes the batch statistics of every
+            converted layer across processes (see docs/distributed.md). Options fixed by
             the carried-over state (``affine``, ``center``, ``scale``,
             ``track_running_stats``, ``axis``, ``device``, ``dtype``, ``*_init``) are refused.
             Module-valued options (``activation=nn.PReLU()``) are deep-copied per layer.
@@ -307,11 +314,9 @@ def convert(model: nn.Module, **options: Any) -> nn.Module:
             the layer); an uninitialized lazy batch-norm layer; a batch-norm layer with hooks.
 
     Warns:
-        UserWarning: for ``SyncBatchNorm`` layers, whose cross-process synchronization is
-            dropped (bnkit's own synchronization is not there yet), and for subclasses of
-            torch's batch norm that are not torch's own classes (e.g. timm's
-            ``BatchNormAct2d``), which are left unchanged because their forward may differ.
-            The warnings are issued before the model is touched.
+        UserWarning: for subclasses of torch's batch norm that are not torch's own classes
+            (e.g. timm's ``BatchNormAct2d``), which are left unchanged because their forward
+            may differ. The warning is issued before the model is touched.
 
     Notes:
         Layers that are already bnkit modules are left unchanged, even when options are given.
@@ -332,7 +337,6 @@ def convert(model: nn.Module, **options: Any) -> nn.Module:
     _check_options(options)
     lazy: list[str] = []
     hooked: list[tuple[str, nn.Module, list[str]]] = []
-    synced: list[str] = []
     foreign: list[str] = []
     found: list[tuple[str, _BatchNorm]] = []
     for path, module in _walk(model, lambda m: isinstance(m, (_BatchNorm, BatchNorm))):
@@ -346,8 +350,6 @@ def convert(model: nn.Module, **options: Any) -> nn.Module:
             hooked.append((path, module, kinds))
         else:
             found.append((path, module))
-            if type(module) is nn.SyncBatchNorm:
-                synced.append(_label(path))
     if lazy:
         raise ValueError(
             "bnkit.convert: these lazy batch-norm layers have not seen any input yet, so their "
@@ -366,15 +368,6 @@ def convert(model: nn.Module, **options: Any) -> nn.Module:
                 f"bnkit.convert: cannot convert {_label(path)} ({type(module).__name__}); "
                 f"nothing was converted: {err}"
             ) from err
-    if synced:
-        warnings.warn(
-            "bnkit.convert: SyncBatchNorm layers become unsynchronized bnkit.BatchNorm(axis=1) "
-            "layers (bnkit's cross-process statistics are not available yet; the process "
-            f"group is dropped): {', '.join(synced)}. Each process now normalizes with its "
-            "own batch statistics.",
-            UserWarning,
-            stacklevel=2,
-        )
     if foreign:
         warnings.warn(
             "bnkit.convert: these layers subclass torch's batch norm with classes bnkit does "
@@ -393,7 +386,8 @@ def _torch_blockers(module: BatchNorm, generic_as: type[_BatchNorm] | None) -> l
     """Why torch.nn cannot express ``module`` (empty when it can)."""
     reasons: list[str] = []
     if type(module) is BatchNorm:
-        if generic_as is None:
+        # A synchronized layer becomes SyncBatchNorm, which accepts any rank.
+        if generic_as is None and not module.sync:
             reasons.append(
                 "bnkit.BatchNorm accepts any input rank and torch's classes check it; pass "
                 "generic_as=torch.nn.BatchNorm1d/2d/3d (or torch.nn.SyncBatchNorm)"
@@ -436,6 +430,8 @@ def _to_torch(old: BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
         dtype=dtype,
         **kwargs,
     )
+    if isinstance(new, nn.SyncBatchNorm):
+        new.process_group = old.process_group if old.sync else None
     new.register_parameter("weight", weight)
     new.register_parameter("bias", bias)
     if old.track_running_stats:
@@ -462,11 +458,13 @@ def to_torch(
 
     ``bnkit.BatchNorm1d/2d/3d`` become ``torch.nn.BatchNorm1d/2d/3d``. The generic
     ``bnkit.BatchNorm`` accepts any input rank while each torch class checks it, so it is
-    converted only to the class named by ``generic_as``. The new layers keep the Parameters
-    and running buffers (the same objects), ``eps``, ``momentum``, affine configuration
-    (``center=False, scale=True`` becomes torch's ``bias=False``), ``track_running_stats``
-    and training mode. Half-precision layers get their float32 statistics cast to the layer's
-    dtype, as torch keeps them.
+    converted only to the class named by ``generic_as``. Layers with ``sync=True`` become
+    ``torch.nn.SyncBatchNorm`` with their ``process_group`` (torch's SyncBatchNorm
+    synchronizes only GPU input, and raises on CPU input under an initialized group). The
+    new layers keep the Parameters and running buffers (the same objects), ``eps``,
+    ``momentum``, affine configuration (``center=False, scale=True`` becomes torch's
+    ``bias=False``), ``track_running_stats`` and training mode. Half-precision layers get
+    their float32 statistics cast to the layer's dtype, as torch keeps them.
 
     torch can express a layer with ``axis=1``, ``running_var="unbiased"`` and none of
     ``warmup``, ``zero_debias``, ``renorm``, ``virtual_batch_size``, ``adjustment``,
@@ -519,7 +517,7 @@ def to_torch(
         elif kinds := _hooks(module):
             hooked.append((path, module, kinds))
         else:
-            cls = _TO_TORCH.get(type(module), target)
+            cls = nn.SyncBatchNorm if module.sync else _TO_TORCH.get(type(module), target)
             assert cls is not None
             found.append((module, cls))
     if blocked and strict:

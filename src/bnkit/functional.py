@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bnkit import running
+from bnkit import distributed, running
 from bnkit.kernels import native, weighted
 from bnkit.running import BatchStats
 
@@ -739,6 +739,114 @@ def _training_step(
     return y.to(x.dtype), stats
 
 
+def _check_global_counts(
+    moments: distributed.SyncedMoments, weighted: bool, allow_single_value: bool
+) -> bool:
+    """Checks on the statistics of all ranks; True when the global batch has values.
+
+    Every rank sees the same merged counts, so every rank decides the same way.
+    """
+    if bool((moments.elements == 0).all()):
+        return False
+    if weighted and bool((moments.n <= 0).any()):
+        raise ValueError(
+            "the sample weights sum to zero (or less) over the batches of all processes, so "
+            "the weighted mean is undefined. Fix: 1) check the masks are not all zeros for "
+            "this step, 2) skip the step on every process, or 3) use weights > 0."
+        )
+    if not allow_single_value and bool((moments.elements <= 1).any()):
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got 1 value per channel "
+            "over the batches of all processes (sync=True). A variance needs at least two "
+            "values. Fix: use larger batches, or call model.eval() to normalize with the "
+            "running statistics."
+        )
+    return True
+
+
+def _sync_training_step(
+    x: Tensor,
+    axis: int,
+    *,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    weights: Tensor | None,
+    virtual_batch_size: int | None,
+    ghost_layout: str,
+    renorm_mean: Tensor | None,
+    renorm_stddev: Tensor | None,
+    renorm_clipping: dict[str, float] | None,
+    adjustment: Adjustment | None,
+    allow_single_value: bool,
+    group: Any,
+) -> tuple[Tensor, BatchStats | None]:
+    """One training step with statistics over every rank's batch (the reference composite).
+
+    Without ghost batches the moments come from ``distributed.sync_moments`` (one all_gather
+    forward, one all_reduce backward) and the rest is local autograd. With ghost batches each
+    rank normalizes its own ghosts; ``distributed.sync_ghost_statistics`` averages the
+    statistics that feed the moving averages and renorm over all ghosts of all ranks.
+    """
+    cdt = compute_dtype(x.dtype)
+    channels = x.shape[axis]
+    stats: BatchStats | None = None
+    if virtual_batch_size is None:
+        xf = x.to(cdt)
+        w = None if weights is None else align_weights(weights, x, axis).to(cdt)
+        dims = tuple(d for d in range(x.ndim) if d != axis)
+        synced = distributed.sync_moments(xf, dims, weights=w, group=group)
+        has_values = True
+        local = math.prod([x.shape[d] for d in dims])
+        if not torch.compiler.is_compiling() and (local <= 1 or w is not None):
+            # A host read, only where this rank alone cannot tell (its own batch has at
+            # most one value per channel, or the weights may sum to zero everywhere).
+            has_values = _check_global_counts(synced, w is not None, allow_single_value)
+        xhat = (xf - synced.mean) * torch.rsqrt(synced.var + eps)
+        if has_values:
+            mean, var = synced.mean.detach().reshape(-1), synced.var.detach().reshape(-1)
+            count = synced.n.reshape(-1)
+            stats = BatchStats(mean, var, _unbiased(var, count), count)
+    else:
+        if x.shape[0] > 0:
+            _check_ghosts(x.shape[0], virtual_batch_size, ghost_layout)
+            if not allow_single_value:
+                _check_values_per_channel(x, axis, virtual_batch_size)
+            xhat, g_mean, g_var, g_count = _reference_normalize(
+                x, axis, eps, weights, virtual_batch_size, ghost_layout
+            )
+        else:
+            xhat = x.to(cdt)
+            g_mean = g_var = g_count = torch.zeros(0, channels, dtype=cdt, device=x.device)
+        averaged = distributed.sync_ghost_statistics(
+            g_mean, g_var, _unbiased(g_var, g_count), g_count, group
+        )
+        if averaged is not None:
+            stats = BatchStats(*averaged)
+    if stats is not None and momentum is not None and running_mean is not None:
+        assert running_var is not None
+        running.assign_moving_average_(running_mean, stats.mean, momentum)
+        running.assign_moving_average_(running_var, stats.var_unbiased, momentum)
+    r = d = None
+    if stats is not None and renorm_mean is not None and renorm_stddev is not None:
+        r, d = _renorm_correction(
+            stats.mean.to(cdt), stats.var.to(cdt), renorm_mean, renorm_stddev, eps, renorm_clipping
+        )
+    adjusted = None if adjustment is None else adjustment(x.shape)
+    scale, shift = _affine_terms(
+        x.ndim, axis, channels, cdt, x.device, weight, bias, r, d, adjusted
+    )
+    y = xhat.to(cdt)
+    if scale is not None:
+        y = y * scale
+    if shift is not None:
+        y = y + shift
+    return y.to(x.dtype), stats
+
+
 @overload
 def batch_norm(
     x: Tensor,
@@ -762,6 +870,8 @@ def batch_norm(
     return_stats: Literal[False] = ...,
     impl: Impl = ...,
     allow_single_value: bool = ...,
+    sync: bool = ...,
+    process_group: Any = ...,
 ) -> Tensor: ...
 
 
@@ -788,6 +898,8 @@ def batch_norm(
     return_stats: Literal[True],
     impl: Impl = ...,
     allow_single_value: bool = ...,
+    sync: bool = ...,
+    process_group: Any = ...,
 ) -> tuple[Tensor, BatchStats | None]: ...
 
 
@@ -813,6 +925,8 @@ def batch_norm(
     return_stats: bool = False,
     impl: Impl = "auto",
     allow_single_value: bool = False,
+    sync: bool = False,
+    process_group: Any = None,
 ) -> Tensor | tuple[Tensor, BatchStats | None]:
     """One batch-norm step, training or inference, with every bnkit option.
 
@@ -853,6 +967,12 @@ def batch_norm(
         impl: "auto" (fast paths where exact) or "reference" (composite oracle).
         allow_single_value: accept one value per channel in training instead of raising;
             its variance is 0, so ``x̂`` is 0 (the layer policy ``single_value="skip-update"``).
+        sync: in training, with an initialized process group of more than one rank,
+            normalize with the statistics of the union of every rank's batch (count-weighted;
+            see ``bnkit.distributed`` and ``docs/distributed.md``). Every rank must make the
+            call, also with an empty batch. Ghost batches stay per rank; their averaged
+            statistics (running update, renorm) are global. Runs the reference composite.
+        process_group: the group to synchronize over (None: the default group).
 
     Returns:
         ``y`` of ``x``'s shape and dtype, or ``(y, stats)`` with ``return_stats=True``.
@@ -887,6 +1007,7 @@ def batch_norm(
         and (running_mean is None or running_mean.dtype == x.dtype)
         and (training or (running_mean is not None and running_var is not None))
         and not allow_single_value
+        and not sync
     ):
         # Nothing of bnkit's applies: PyTorch's own call is the whole step (bit-identical to
         # torch.nn.BatchNorm*d), so skip the dispatch below; it costs microseconds per call.
@@ -915,6 +1036,27 @@ def batch_norm(
                 "training=True to normalize with the batch's own statistics."
             )
         y = _inference_step(x, a, running_mean, running_var, weight, bias, eps)
+    elif sync and distributed.is_active(process_group):
+        # Before the empty-batch shortcut: an empty rank still takes part in the collectives.
+        y, stats = _sync_training_step(
+            x,
+            a,
+            weight=weight,
+            bias=bias,
+            running_mean=running_mean,
+            running_var=running_var,
+            momentum=momentum,
+            eps=eps,
+            weights=weights,
+            virtual_batch_size=virtual_batch_size,
+            ghost_layout=ghost_layout,
+            renorm_mean=renorm_mean,
+            renorm_stddev=renorm_stddev,
+            renorm_clipping=renorm_clipping,
+            adjustment=adjustment,
+            allow_single_value=allow_single_value,
+            group=process_group,
+        )
     elif x.numel() == 0:
         # An empty batch has no statistics: return an empty output and report no statistics,
         # so no moving average moves. Keep γ and β in the graph so their gradients are zeros,

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnkit import distributed, running
 from bnkit import functional as bnf
-from bnkit import running
 from bnkit.functional import Activation, Adjustment, GhostLayout
 from bnkit.policies import BatchNormWarning, check_policies, get_policy, is_calibrating
 from bnkit.running import MovingAverageRule, RunningState, RunningVar, ZeroDebias
@@ -117,6 +117,14 @@ class BatchNorm(nn.Module):
             (Keras/slim ``adjustment``); 1-D results of length C are per channel.
         activation: None, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"gelu"`` or a
             callable, applied after the affine transform.
+        sync: synchronize batch statistics across processes: in training, with an
+            initialized ``torch.distributed`` group of more than one rank, the statistics are
+            those of the union of all ranks' batches (count-weighted; empty batches take part
+            and return empty outputs); running statistics end identical on every rank. Every
+            rank must run the layer's forward and backward (docs/distributed.md). Ghost
+            batches stay per rank. Assignable (``bn.sync = True``).
+        process_group: synchronize over this group instead of the default one (needs
+            ``sync=True``); e.g. a group from ``torch.distributed.new_subgroups()``.
         weight_init, bias_init, running_mean_init, running_var_init: a number, one value per
             channel, or a callable that fills the tensor in place.
         policy: this layer's own policies, e.g. ``{"nonfinite": "raise"}``; the others
@@ -127,7 +135,8 @@ class BatchNorm(nn.Module):
     Raises:
         ValueError: ``momentum`` and ``decay`` both given or out of [0, 1], unknown
             ``renorm_clipping`` keys, bad ``running_var``/``zero_debias``/``ghost_layout``,
-            options that need running statistics with ``track_running_stats=False``.
+            options that need running statistics with ``track_running_stats=False``,
+            ``process_group`` without ``sync=True``.
 
     Shape:
         Input (N, C, \*) with ``axis=1`` or (N, \*, C) with ``axis=-1``; output the same.
@@ -177,6 +186,8 @@ class BatchNorm(nn.Module):
         ghost_layout: GhostLayout = "contiguous",
         adjustment: Adjustment | None = None,
         activation: Activation = None,
+        sync: bool = False,
+        process_group: Any = None,
         weight_init: Init = None,
         bias_init: Init = None,
         running_mean_init: Init = None,
@@ -254,6 +265,13 @@ class BatchNorm(nn.Module):
             )
         self._rule = MovingAverageRule(resolved, warmup=warmup, zero_debias=zero_debias)
         bnf.resolve_activation(activation)  # fail early on an unknown name
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be True or False, got {sync!r}")
+        if process_group is not None and not sync:
+            raise ValueError(
+                "process_group was given but sync=False: the group is only used to "
+                "synchronize batch statistics. Fix: pass sync=True as well"
+            )
 
         self.num_features = num_features
         self.axis = axis
@@ -269,6 +287,8 @@ class BatchNorm(nn.Module):
         self.ghost_layout: GhostLayout = ghost_layout
         self.adjustment = adjustment
         self.activation = activation
+        self.sync = sync
+        self._group = distributed.GroupHandle(process_group)
         self.policy: dict[str, str] = check_policies(policy or {})
         self.layer_name: str | None = None
         self._warned: set[str] = set()
@@ -365,6 +385,19 @@ class BatchNorm(nn.Module):
     def zero_debias(self) -> ZeroDebias:
         """Which statistics use TF's zero-debiased average (fixed: it decides the buffers)."""
         return self._rule.zero_debias
+
+    @property
+    def process_group(self) -> Any:
+        """The group statistics are synchronized over (None: the default group); assignable.
+
+        Copying the layer shares the group; pickling a layer with an explicit group raises
+        (save the state dict instead).
+        """
+        return self._group.group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self._group = distributed.GroupHandle(group)
 
     @property
     def affine(self) -> bool:
@@ -499,10 +532,15 @@ class BatchNorm(nn.Module):
         if self._buffers.get("frozen") is not None:
             training = False  # frozen: running statistics, never updated (bnkit.freeze)
         single_value = False
+        # Synchronized: whether a batch has one value per channel is known only after the
+        # collective (the global count), so no rank may decide alone to skip it, except with
+        # ghost batches, whose size is the same on every rank.
+        synced = self.sync and training and distributed.is_active(self._group.group)
         if training and self.track_running_stats:
             if not torch.is_grad_enabled() and not is_calibrating():
                 self._on_no_grad_training()
-            single_value = bnf._one_value_per_channel(x, a, self.virtual_batch_size)
+            if not synced or self.virtual_batch_size is not None:
+                single_value = bnf._one_value_per_channel(x, a, self.virtual_batch_size)
             if single_value and get_policy("single_value", self.policy) == "running":
                 training = False
         if not training and self.track_running_stats:
@@ -534,6 +572,8 @@ class BatchNorm(nn.Module):
             "adjustment": self.adjustment if training else None,
             "activation": self.activation,
             "allow_single_value": skip_update,
+            "sync": synced,
+            "process_group": self._group.group,
         }
         if skip_update or not (training and self.track_running_stats):
             # Batch statistics with nothing to update (track_running_stats=False, or the
@@ -798,6 +838,7 @@ class BatchNorm(nn.Module):
             "virtual_batch_size": None,
             "adjustment": None,
             "activation": None,
+            "sync": False,
         }
         for name, default in defaults.items():
             value = getattr(self, name)
@@ -809,6 +850,8 @@ class BatchNorm(nn.Module):
             parts.append(f"renorm_momentum={_fmt(m)} (renorm_decay={_fmt(1.0 - m)})")
         if self.virtual_batch_size is not None:
             parts.append(f"ghost_layout={self.ghost_layout!r}")
+        if self.process_group is not None:
+            parts.append(f"process_group={_group_label(self.process_group)}")
         if self.frozen:
             parts.append("frozen=True")
         if self.policy:
@@ -819,6 +862,11 @@ class BatchNorm(nn.Module):
 def _fmt(x: float) -> str:
     """Format a rate without float noise: 1 - 0.999 prints as 0.001."""
     return f"{round(x, 12):g}" if math.isfinite(x) else str(x)
+
+
+def _group_label(group: Any) -> str:
+    name = getattr(group, "group_name", None)
+    return f"<process group {name!r}>" if name is not None else repr(group)
 
 
 def _describe(value: Any) -> str:

@@ -456,14 +456,20 @@ class KerasBatchNorm(BatchNorm):
         constraints: dict[str, optim.Constraint],
         **options: Any,
     ) -> None:
-        super().__init__(num_features, **options)
+        # Keras' synchronized layer is its non-fused layer with the batch statistics of all
+        # replicas (count-weighted): bnkit's sync.
+        super().__init__(num_features, sync=synchronized, **options)
         self.fused = fused
-        self.synchronized = synchronized
         self.tf_scope = tf_scope
         self.regularizers = regularizers
         self.constraints = constraints
         self._trainable = True
         self.trainable = trainable
+
+    @property
+    def synchronized(self) -> bool:
+        """Keras' ``synchronized``: the layer's ``sync`` (statistics over all processes)."""
+        return self.sync
 
     @property
     def trainable(self) -> bool:
@@ -527,8 +533,6 @@ class KerasBatchNorm(BatchNorm):
                 "Keras' BatchNormalization with fused=True only supports 4D or 5D input, got "
                 f"shape {tuple(x.shape)}. Fix: fused=None (automatic) or fused=False"
             )
-        if self.synchronized and (training if training is not None else self.training):
-            _refuse_multiprocess_sync()
         if not self._trainable:
             training = False
         w = mask.to(x.dtype) if mask is not None and not mask.is_floating_point() else mask
@@ -538,22 +542,9 @@ class KerasBatchNorm(BatchNorm):
         extra = ["preset='tf_keras'", f"fused={self.fused}", "running_var='per Keras code path'"]
         if not self._trainable:
             extra.append("trainable=False")
-        if self.synchronized:
-            extra.append("synchronized=True")
         if self.tf_scope:
             extra.append(f"tf_scope={self.tf_scope!r}")
         return ", ".join([super().extra_repr(), *extra])
-
-
-def _refuse_multiprocess_sync() -> None:
-    """Keras' synchronized=True across processes needs bnkit's sync, not yet available."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise NotImplementedError(
-            "from_keras(synchronized=True) across several processes needs cross-process "
-            "statistics, which bnkit does not have yet. In one process it matches Keras exactly; "
-            "under DDP use torch.nn.SyncBatchNorm for now"
-        )
 
 
 def _keras_axis(axis: Any) -> int:

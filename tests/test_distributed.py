@@ -1,0 +1,760 @@
+"""Synchronized batch norm across processes (bnkit.distributed) equals one process on all data.
+
+Every check runs in real processes: CPU, gloo, spawned on localhost with a ``file://``
+rendezvous, each process group with a timeout and each process joined with a deadline, so a
+bug can fail a check but never hang the suite. One spawn runs many checks (spawning costs
+seconds); each check records its mismatches instead of raising, so the ranks stay in step
+through the collectives of the checks that follow, and the pytest tests below read the
+records, one test per check.
+
+The oracle is one process running the concatenated batch with an unsynchronized layer
+(``torch.nn.BatchNorm2d`` for the converted ``SyncBatchNorm``): outputs, input gradients,
+parameter gradients (summed over the ranks, as DDP sums before it averages) and every buffer
+after several steps must agree to 1e-5. Data with mean 1e4 is compared with float64 math.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import io
+import json
+import math
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import bnkit
+from bnkit import distributed as bnd
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+PG_TIMEOUT = datetime.timedelta(seconds=30)
+JOIN_SECONDS = 150.0
+CHANNELS = 4
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class Expect:
+    """Collects mismatches without raising, so every rank reaches the same collectives."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def close(self, what: str, actual: Tensor, expected: Tensor, **tol: float) -> None:
+        try:
+            torch.testing.assert_close(
+                actual, expected.to(actual.dtype), **(tol or TOL), check_device=False
+            )
+        except AssertionError as err:
+            self.errors.append(f"{what}: {err}")
+
+    def true(self, what: str, condition: bool) -> None:
+        if not condition:
+            self.errors.append(what)
+
+
+Check = Callable[[int, int, Expect], None]
+
+
+def _entry(rank: int, world: int, init_file: str, out_dir: str, suite: str) -> None:
+    """Process entry: join the group, run the suite's checks, write this rank's record."""
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=4) if suite == "hang" else PG_TIMEOUT
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout
+    )
+    results: dict[str, list[str]] = {}
+    for name, check in SUITES[suite]:
+        expect = Expect()
+        try:
+            check(rank, world, expect)
+        except Exception:
+            expect.errors.append(traceback.format_exc())
+        results[name] = expect.errors
+    Path(out_dir, f"{suite}-{rank}.json").write_text(json.dumps(results))
+    if suite == "hang":
+        # A group with a timed-out collective aborts in its destructor at exit (gloo):
+        # leave without running it; the record is written.
+        os._exit(0)
+    dist.destroy_process_group()
+
+
+def _spawn(suite: str, world: int, tmp: Path) -> dict[str, list[str]]:
+    """Run ``suite`` on ``world`` processes; return ``{check: errors}`` merged over ranks."""
+    ctx = multiprocessing.get_context("spawn")
+    init_file = tmp / f"{suite}-rendezvous"
+    procs = [
+        ctx.Process(target=_entry, args=(rank, world, str(init_file), str(tmp), suite))
+        for rank in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + JOIN_SECONDS
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0.1))
+    stuck = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    assert not stuck, f"suite {suite!r}: ranks {stuck} did not finish within {JOIN_SECONDS}s"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"suite {suite!r}: exit codes {codes}"
+    merged: dict[str, list[str]] = {}
+    for rank in range(world):
+        record = json.loads((tmp / f"{suite}-{rank}.json").read_text())
+        for name, errors in record.items():
+            merged.setdefault(name, []).extend(f"rank {rank}: {e}" for e in errors)
+    return merged
+
+
+# ------------------------------------------------------------------------ equivalence
+
+
+def _randomized(layer: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
+    return layer
+
+
+def _gather_rows(t: Tensor, group: Any = None) -> list[Tensor]:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def _equivalence(
+    rank: int,
+    expect: Expect,
+    make: Callable[[bool], nn.Module],
+    sizes: list[int],
+    *,
+    shape: tuple[int, ...] = (CHANNELS, 3, 3),
+    steps: int = 3,
+    weighted: bool = False,
+    call: Callable[[nn.Module, Tensor, Tensor | None], Tensor] | None = None,
+    loc: float = 0.0,
+    scale: float = 1.0,
+    group: Any = None,
+    members: list[int] | None = None,
+    oracle_dtype: torch.dtype | None = None,
+    tol: dict[str, float] | None = None,
+    param_tol: dict[str, float] | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """Train a synced layer on this rank's slice and the oracle on the whole batch.
+
+    ``sizes`` are the batch sizes of the ranks in ``members`` (default: all ranks).
+    """
+    members = members if members is not None else list(range(len(sizes)))
+    position = members.index(rank)
+    start = sum(sizes[:position])
+    rows = slice(start, start + sizes[position])
+    synced = _randomized(make(True))
+    oracle = make(False)
+    oracle.load_state_dict(synced.state_dict())
+    if oracle_dtype is not None:
+        oracle.to(oracle_dtype)
+    run = call or (lambda layer, x, w: layer(x) if w is None else layer(x, weights=w))
+    tol = tol or TOL
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 * step + 1)
+        full = torch.randn(sum(sizes), *shape, generator=g) * scale * (1 + step) + loc
+        upstream = torch.randn(full.shape, generator=g)
+        w = torch.rand(sum(sizes), generator=g) + 0.2 if weighted else None
+        x = full[rows].clone().requires_grad_()
+        y = run(synced, x, None if w is None else w[rows])
+        (y * upstream[rows]).sum().backward()
+        dtype = oracle_dtype or full.dtype
+        xf = full.to(dtype).requires_grad_()
+        yf = run(oracle, xf, None if w is None else w.to(dtype))
+        (yf * upstream.to(dtype)).sum().backward()
+        expect.close(f"output, step {step}", y, yf[rows].detach(), **tol)
+        assert x.grad is not None
+        assert xf.grad is not None
+        expect.close(f"input gradient, step {step}", x.grad, xf.grad[rows], **tol)
+        for (name, p), q in zip(synced.named_parameters(), oracle.parameters(), strict=True):
+            assert p.grad is not None
+            assert q.grad is not None
+            total = p.grad.clone()
+            dist.all_reduce(total, group=group)
+            what = f"{name} gradient (sum over ranks), step {step}"
+            expect.close(what, total, q.grad, **(param_tol or tol))
+            p.grad = q.grad = None
+    for key, value in oracle.state_dict().items():
+        mine = synced.state_dict()[key]
+        if value.is_floating_point():
+            expect.close(f"buffer {key}", mine, value, **tol)
+        else:
+            expect.true(f"buffer {key}: {mine} != {value}", torch.equal(mine, value))
+    _same_bits_everywhere(expect, synced, group)
+    return synced, oracle
+
+
+def _same_bits_everywhere(expect: Expect, layer: nn.Module, group: Any = None) -> None:
+    """Running statistics end bit-identical on every rank of the group."""
+    for key, value in layer.state_dict().items():
+        rows = _gather_rows(value.reshape(-1).double(), group)
+        same = all(torch.equal(r, rows[0]) for r in rows)
+        expect.true(f"buffer {key} differs between ranks: {rows}", same)
+
+
+def _bn2d(**options: Any) -> Callable[[bool], nn.Module]:
+    return lambda sync: bnkit.BatchNorm2d(CHANNELS, sync=sync, **options)
+
+
+def _check_equal(rank: int, world: int, expect: Expect) -> None:
+    _equivalence(rank, expect, _bn2d(), [4] * world)
+
+
+def _check_uneven(rank: int, world: int, expect: Expect) -> None:
+    _equivalence(rank, expect, _bn2d(), [5, 3, 1][:world])
+
+
+def _check_one_rank_empty(rank: int, world: int, expect: Expect) -> None:
+    sizes = [4, 0, 3][:world] if world == 3 else [0, 5]
+    synced, _ = _equivalence(rank, expect, _bn2d(), sizes)
+    expect.true("num_batches_tracked counts every step", int(synced.num_batches_tracked) == 3)
+
+
+def _check_one_sample_on_a_rank(rank: int, world: int, expect: Expect) -> None:
+    # (N, C) data: a rank with one sample has one value per channel, fine over all ranks.
+    def make(sync: bool) -> nn.Module:
+        return bnkit.BatchNorm1d(CHANNELS, sync=sync)
+
+    _equivalence(rank, expect, make, [1, 3, 0][:world], shape=(CHANNELS,))
+    # One value per channel over all ranks: every rank raises, so none is left waiting.
+    layer = bnkit.BatchNorm1d(CHANNELS, sync=True)
+    try:
+        layer(torch.randn(1 if rank == 0 else 0, CHANNELS))
+    except ValueError as err:
+        expect.true(f"message: {err}", "all processes" in str(err))
+    else:
+        expect.errors.append("one value per channel over all ranks did not raise")
+
+
+def _check_sample_weights(rank: int, world: int, expect: Expect) -> None:
+    _equivalence(rank, expect, _bn2d(running_var="biased"), [5, 3, 2][:world], weighted=True)
+
+
+def _check_renorm(rank: int, world: int, expect: Expect) -> None:
+    options = {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}, "momentum": 0.3}
+    _equivalence(rank, expect, _bn2d(**options), [5, 3, 1][:world], steps=4, scale=1.5)
+
+
+def _check_warmup_zero_debias(rank: int, world: int, expect: Expect) -> None:
+    options = {"warmup": True, "zero_debias": "both", "decay": 0.9, "running_var": "biased"}
+    _equivalence(rank, expect, _bn2d(**options), [2, 5, 3][:world], steps=4)
+
+
+def _check_cumulative_average(rank: int, world: int, expect: Expect) -> None:
+    _equivalence(rank, expect, _bn2d(momentum=None), [3, 2, 4][:world])
+
+
+def _check_large_mean(rank: int, world: int, expect: Expect) -> None:
+    # Mean 1e4, standard deviation 1, float32. The all-reduced form Σ(M2 + n μ²) − N μ² in
+    # float32 loses every digit of the variance here (μ² = 1e8, its ulp is 8), and rank
+    # means rounded to float32 before the merge would cost ~1e-4 of it. The statistics must
+    # match float64 math to 1e-5. Outputs and gradients carry float32's resolution of values
+    # near 1e4: μ rounded to float32 is off by up to 4.9e-4 (half an ulp), so x̂ is off by
+    # that much over σ ≈ 1 (atol 2e-3), and γ's gradient Σ g·x̂ by 4.9e-4·Σ|g| per channel
+    # (Σ|g| ≈ 0.8·81 here: atol 0.05). Torch's float32 layers have the same resolution.
+    make = _bn2d(momentum=0.5)
+    sizes = [5, 3, 1][:world]
+    synced, oracle = _equivalence(
+        rank,
+        expect,
+        make,
+        sizes,
+        loc=1e4,
+        scale=1.0,
+        oracle_dtype=torch.float64,
+        tol={"rtol": 1e-5, "atol": 2e-3},
+        param_tol={"rtol": 1e-5, "atol": 0.05},
+    )
+    for key in ("running_mean", "running_var"):
+        expect.close(f"{key} vs float64", synced.state_dict()[key], oracle.state_dict()[key])
+
+
+def _check_channels_last_mask(rank: int, world: int, expect: Expect) -> None:
+    # (N, L, C) with a padding mask (N, L): frequency weights over the sequence positions.
+    def make(sync: bool) -> nn.Module:
+        return bnkit.BatchNorm(CHANNELS, axis=-1, sync=sync, running_var="biased")
+
+    def call(layer: nn.Module, x: Tensor, w: Tensor | None) -> Tensor:
+        assert w is not None
+        n, steps = x.shape[0], x.shape[1]
+        mask = (torch.arange(steps)[None, :] < (w[:, None] * steps)).to(x.dtype)
+        return layer(x, weights=mask.reshape(n, steps))
+
+    _equivalence(
+        rank, expect, make, [3, 4, 2][:world], shape=(5, CHANNELS), weighted=True, call=call
+    )
+
+
+def _check_ghost_batches(rank: int, world: int, expect: Expect) -> None:
+    # Ghost batches stay per rank: one process with contiguous ghosts of the concatenated
+    # batch sees the same ghosts, so everything matches, renorm's r and d included.
+    options = {"virtual_batch_size": 2, "renorm": True, "momentum": 0.3}
+    _equivalence(rank, expect, _bn2d(**options), [4, 2, 0][:world] if world == 3 else [2, 4])
+
+
+def _check_keras_synchronized(rank: int, world: int, expect: Expect) -> None:
+    # Keras' synchronized layer is its non-fused layer (biased moving variance) over all
+    # replicas' data.
+    def make(sync: bool) -> nn.Module:
+        if sync:
+            return bnkit.from_keras(CHANNELS, axis=1, synchronized=True)
+        return bnkit.from_keras(CHANNELS, axis=1, fused=False)
+
+    def call(layer: nn.Module, x: Tensor, w: Tensor | None) -> Tensor:
+        return layer(x, training=True)
+
+    _equivalence(rank, expect, make, [3, 5, 2][:world], call=call)
+
+
+def _check_converted_sync_batch_norm(rank: int, world: int, expect: Expect) -> None:
+    # convert() carries SyncBatchNorm's synchronization over; the oracle is torch itself.
+    def make(sync: bool) -> nn.Module:
+        if sync:
+            layer = bnkit.convert(nn.SyncBatchNorm(CHANNELS))
+            assert isinstance(layer, bnkit.BatchNorm)
+            expect.true("converted layer synchronizes", layer.sync)
+            return layer
+        return nn.BatchNorm2d(CHANNELS)
+
+    _equivalence(rank, expect, make, [4, 1, 3][:world])
+
+
+def _check_sub_group(rank: int, world: int, expect: Expect) -> None:
+    # Ranks 0 and 2 synchronize with each other; rank 1 is a group of one (no collective).
+    group, _ = dist.new_subgroups_by_enumeration([[0, 2], [1]])
+    members = [0, 2] if rank in (0, 2) else [1]
+    sizes = [3, 5] if rank in (0, 2) else [4]
+
+    def make(sync: bool) -> nn.Module:
+        if sync:
+            return bnkit.BatchNorm2d(CHANNELS, sync=True, process_group=group)
+        return bnkit.BatchNorm2d(CHANNELS)
+
+    _equivalence(rank, expect, make, sizes, group=group, members=members)
+
+
+class _Counter:
+    """Counts the collectives bnkit calls (and can refuse them)."""
+
+    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce")
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls: dict[str, int] = dict.fromkeys(self.NAMES, 0)
+        self.refuse = refuse
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> _Counter:
+        for name in self.NAMES:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            self.saved[name] = original
+
+            def wrapped(*args: Any, _name: str = name, _orig: Any = original, **kw: Any) -> Any:
+                self.calls[_name] += 1
+                if self.refuse:
+                    raise AssertionError(f"collective {_name} called")
+                return _orig(*args, **kw)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self.saved.items():
+            setattr(dist, name, original)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def _check_collectives_per_step(rank: int, world: int, expect: Expect) -> None:
+    """One gather in the forward and one all-reduce in the backward per layer and step; none
+    outside training; none for unsynchronized layers."""
+    synced = bnkit.BatchNorm2d(CHANNELS, sync=True)
+    no_tracking = bnkit.BatchNorm2d(CHANNELS, sync=True, track_running_stats=False)
+    plain = bnkit.BatchNorm2d(CHANNELS)
+    x = torch.randn(3, CHANNELS, 2, 2, requires_grad=True)
+    with _Counter() as counter:
+        plain(x).sum().backward()
+        synced.eval()(x)
+        synced.train()(x, training=False)
+        no_tracking.eval()(x).sum().backward()  # batch statistics, but not training
+    expect.true(f"collectives outside training: {counter.calls}", counter.total == 0)
+    with _Counter() as counter:
+        y = synced.train()(x)
+    expect.true(f"forward: one gather, got {counter.calls}", counter.total == 1)
+    with _Counter() as counter:
+        (y * torch.randn_like(y)).sum().backward()
+    expect.true(
+        f"backward: one all_reduce, got {counter.calls}",
+        counter.calls["all_reduce"] == 1 and counter.total == 1,
+    )
+    ghosts = bnkit.BatchNorm2d(CHANNELS, sync=True, virtual_batch_size=1)
+    with _Counter() as counter:
+        ghosts(torch.randn(2, CHANNELS, 2, 2, requires_grad=True)).sum().backward()
+    expect.true(f"ghost batches: one gather only, got {counter.calls}", counter.total == 1)
+
+
+def _check_sync_running_stats(rank: int, world: int, expect: Expect) -> None:
+    """Unsynchronized layers trained on different data; then averaged, identical everywhere."""
+    torch.manual_seed(3)
+    frozen = bnkit.BatchNorm2d(CHANNELS)
+    model = nn.Sequential(
+        bnkit.BatchNorm2d(CHANNELS),  # moving average: equal weights
+        bnkit.BatchNorm2d(CHANNELS, momentum=None),  # cumulative: weighted by batches
+        bnkit.BatchNorm2d(CHANNELS, renorm=True, zero_debias="mean"),
+        nn.BatchNorm2d(CHANNELS),
+        frozen,
+    )
+    frozen.frozen = True
+    for _ in range(rank + 2):  # ranks ran different numbers of batches
+        x = torch.randn(4, CHANNELS, 3, 3) * (rank + 1) + rank
+        model(x)
+    frozen_before = frozen.state_dict()
+    before = {k: _gather_rows(v.double()) for k, v in model.state_dict().items()}
+    names = bnkit.sync_running_stats(model)
+    expect.true(f"synchronized layers: {names}", names == ["0", "1", "2", "3"])
+    after = model.state_dict()
+    for key, rows in before.items():
+        stacked = torch.stack(rows)
+        if key.startswith("4."):
+            expect.true(f"frozen {key} changed", torch.equal(after[key], frozen_before[key[2:]]))
+            continue
+        if not after[key].is_floating_point():
+            expect.true(
+                f"{key}: max over ranks", torch.equal(after[key].double(), stacked.max(0).values)
+            )
+            continue
+        if key == "2.running_var":
+            continue  # recomputed from running_stddev, checked below
+        if key.startswith("1."):
+            weights = torch.stack(before["1.num_batches_tracked"]).reshape(-1, 1)
+        else:
+            weights = torch.ones(world, 1, dtype=torch.float64)
+        expected = (weights * stacked.reshape(world, -1)).sum(0) / weights.sum()
+        expected = expected.reshape(after[key].shape)
+        expect.close(f"{key} averaged", after[key], expected, rtol=1e-6, atol=1e-7)
+    renorm = model[2]
+    expect.close(
+        "renorm running_var = relu(running_stddev² − eps)",
+        renorm.running_var,
+        torch.clamp(renorm.running_stddev**2 - renorm.eps, min=0.0),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    _same_bits_everywhere(expect, model)
+
+
+# ----------------------------------------------------------------- world size 2 only
+
+
+def _check_ddp_training(rank: int, world: int, expect: Expect) -> None:
+    """DDP of a small conv net with synchronized BN equals one process on the full batch."""
+
+    def net(sync: bool) -> nn.Module:
+        torch.manual_seed(11)
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            bnkit.BatchNorm2d(6, sync=sync),
+            nn.ReLU(),
+            nn.Conv2d(6, 6, 3),
+            bnkit.BatchNorm2d(6, sync=sync, renorm=True),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 5),
+        )
+
+    single = net(False)
+    ddp = nn.parallel.DistributedDataParallel(net(True))
+    opt_single = torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9)
+    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    per_rank = 4
+    for step in range(4):
+        g = torch.Generator().manual_seed(500 + step)
+        images = torch.randn(per_rank * world, 3, 6, 6, generator=g) + 0.5
+        labels = torch.randint(0, 5, (per_rank * world,), generator=g)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        for model, opt, x, t in (
+            (single, opt_single, images, labels),
+            (ddp, opt_ddp, images[mine], labels[mine]),
+        ):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), t).backward()  # DDP averages over ranks
+            opt.step()
+    for (key, value), mine_value in zip(
+        single.state_dict().items(), ddp.module.state_dict().values(), strict=True
+    ):
+        if value.is_floating_point():
+            expect.close(f"DDP {key} after 4 steps", mine_value, value)
+        else:
+            expect.true(f"DDP {key}", torch.equal(mine_value, value))
+    _same_bits_everywhere(expect, ddp.module)
+
+
+def _check_compile(rank: int, world: int, expect: Expect) -> None:
+    """torch.compile(fullgraph=True) of synchronized layers computes what eager does."""
+    torch._dynamo.reset()
+    group = dist.new_group([0, 1])
+    cases: list[tuple[str, Callable[[], nn.Module], bool]] = [
+        ("default", lambda: bnkit.BatchNorm2d(CHANNELS, sync=True), False),
+        (
+            "weights, renorm, warm-up, explicit group",
+            lambda: bnkit.BatchNorm2d(
+                CHANNELS, sync=True, process_group=group, renorm=True, warmup=True
+            ),
+            True,
+        ),
+    ]
+    for label, make, weighted in cases:
+        eager = _randomized(make())
+        compiled_layer = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+        for step in range(3):
+            g = torch.Generator().manual_seed(50 * step + rank)
+            x = torch.randn(3 + 2 * rank, CHANNELS, 2, 2, generator=g) * (1 + step)
+            w = torch.rand(x.shape[0], generator=g) + 0.2 if weighted else None
+            upstream = torch.randn(x.shape, generator=g)
+            outs = []
+            for layer in (eager, compiled):
+                xi = x.clone().requires_grad_()
+                y = layer(xi) if w is None else layer(xi, weights=w)
+                (y * upstream).sum().backward()
+                outs.append((y.detach(), xi.grad))
+            expect.close(f"{label}: compiled output, step {step}", outs[1][0], outs[0][0])
+            expect.close(f"{label}: compiled input gradient, step {step}", outs[1][1], outs[0][1])
+        for (key, a), b in zip(
+            eager.state_dict().items(), compiled_layer.state_dict().values(), strict=True
+        ):
+            expect.close(f"{label}: compiled {key}", b.double(), a.double())
+        for (name, a), b in zip(eager.named_parameters(), compiled_layer.parameters(), strict=True):
+            assert a.grad is not None
+            assert b.grad is not None
+            expect.close(f"{label}: compiled {name} gradient", b.grad, a.grad)
+
+
+def _check_recalibrate(rank: int, world: int, expect: Expect) -> None:
+    """recalibrate pools all ranks' data exactly, also through synchronized layers (whose
+    forwards run their collectives on every calibration batch)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Linear(3, CHANNELS), bnkit.BatchNorm1d(CHANNELS, sync=True), nn.Linear(CHANNELS, 2)
+    ).eval()
+    g = torch.Generator().manual_seed(9)
+    data = [torch.randn(6, 3, generator=g) * 2 + 1 for _ in range(2 * world)]
+    mine = data[rank::world]  # the same number of batches on every rank
+    report = bnkit.recalibrate(model, mine, progress=False)
+    expect.true(f"world size in the report: {report.world_size}", report.world_size == world)
+    with torch.no_grad():
+        inputs = model[0](torch.cat(data))
+    expect.close("recalibrated running_mean", model[1].running_mean, inputs.mean(0))
+    expect.close("recalibrated running_var", model[1].running_var, inputs.var(0))
+    _same_bits_everywhere(expect, model)
+
+
+# -------------------------------------------------------------------- world size 1
+
+
+def _check_world_of_one_runs_no_collective(rank: int, world: int, expect: Expect) -> None:
+    layer = _randomized(bnkit.BatchNorm2d(CHANNELS, sync=True, renorm=True))
+    plain = bnkit.BatchNorm2d(CHANNELS, renorm=True)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(5, CHANNELS, 3, 3)
+    with _Counter(refuse=True):
+        y = layer(x)
+        y.sum().backward()
+        names = bnkit.sync_running_stats(nn.Sequential(layer))
+    expect.true(f"sync_running_stats names {names}", names == ["0"])
+    expect.true("same output as unsynchronized", torch.equal(y, plain(x)))
+    for key, value in plain.state_dict().items():
+        expect.true(f"same {key}", torch.equal(layer.state_dict()[key], value))
+
+
+def _check_sync_moments_gradcheck(rank: int, world: int, expect: Expect) -> None:
+    # The autograd Function itself (it runs its collectives in a group of one), in float64:
+    # gradients for the input and for sample weights that require them.
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True) * 3 + 1
+    w = (torch.rand(4, 1, 2, dtype=torch.float64) + 0.3).requires_grad_()
+
+    def first_two(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = bnd._SyncMoments.apply(x, w, (0, 2), None)
+        return out[0], out[1]
+
+    expect.true("gradcheck x", torch.autograd.gradcheck(lambda x: first_two(x, None), (x,)))
+    expect.true("gradcheck x and weights", torch.autograd.gradcheck(first_two, (x, w)))
+    mean, var = first_two(x, w)
+    ref_mean, ref_var = bnkit.functional.moments(x, (0, 2), weights=w, keepdim=True)
+    expect.close("weighted mean", mean, ref_mean, rtol=1e-12, atol=1e-12)
+    expect.close("weighted var", var, ref_var, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- failures
+
+
+def _check_failing_rank_does_not_hang(rank: int, world: int, expect: Expect) -> None:
+    """Rank 1 fails before the collective and stays alive; rank 0 must time out and end."""
+    layer = bnkit.BatchNorm2d(CHANNELS, sync=True)
+    if rank == 1:
+        try:
+            layer(torch.randn(3, CHANNELS + 1, 2, 2))  # wrong channel count: ValueError
+        except ValueError:
+            time.sleep(7)  # alive (past rank 0's 4 s timeout), never joins the collective
+            return
+        expect.errors.append("the bad input did not raise")
+        return
+    try:
+        layer(torch.randn(3, CHANNELS, 2, 2))
+    except RuntimeError as err:  # gloo: timed out waiting for the peer
+        expect.true(f"not a timeout: {err}", "imed out" in str(err) or "imeout" in str(err))
+        return
+    expect.errors.append("the collective returned although rank 1 never joined it")
+
+
+SUITES: dict[str, list[tuple[str, Check]]] = {
+    "three": [
+        ("equal", _check_equal),
+        ("uneven", _check_uneven),
+        ("one_rank_empty", _check_one_rank_empty),
+        ("one_sample_on_a_rank", _check_one_sample_on_a_rank),
+        ("sample_weights", _check_sample_weights),
+        ("renorm", _check_renorm),
+        ("warmup_zero_debias", _check_warmup_zero_debias),
+        ("cumulative_average", _check_cumulative_average),
+        ("large_mean", _check_large_mean),
+        ("channels_last_mask", _check_channels_last_mask),
+        ("ghost_batches", _check_ghost_batches),
+        ("keras_synchronized", _check_keras_synchronized),
+        ("converted_sync_batch_norm", _check_converted_sync_batch_norm),
+        ("sub_group", _check_sub_group),
+        ("collectives_per_step", _check_collectives_per_step),
+        ("sync_running_stats", _check_sync_running_stats),
+    ],
+    "two": [
+        ("equal", _check_equal),
+        ("uneven", _check_uneven),
+        ("one_rank_empty", _check_one_rank_empty),
+        ("sample_weights", _check_sample_weights),
+        ("renorm", _check_renorm),
+        ("large_mean", _check_large_mean),
+        ("ghost_batches", _check_ghost_batches),
+        ("ddp_training", _check_ddp_training),
+        ("recalibrate", _check_recalibrate),
+        ("compile", _check_compile),
+    ],
+    "one": [
+        ("no_collective", _check_world_of_one_runs_no_collective),
+        ("gradcheck", _check_sync_moments_gradcheck),
+    ],
+    "hang": [("failing_rank", _check_failing_rank_does_not_hang)],
+}
+WORLDS = {"three": 3, "two": 2, "one": 1, "hang": 2}
+
+
+# ------------------------------------------------------------------------ the tests
+
+
+@pytest.fixture(scope="module")
+def suite_results(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Any]:
+    """Each suite is spawned once, when its first check runs."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    spawned: dict[str, Any] = {}
+
+    def results(suite: str) -> Any:
+        if suite not in spawned:
+            try:
+                spawned[suite] = _spawn(suite, WORLDS[suite], tmp)
+            except AssertionError as err:  # the spawn itself failed: every check reports it
+                spawned[suite] = err
+        return spawned[suite]
+
+    return results
+
+
+CASES = [(suite, name) for suite, checks in SUITES.items() for name, _ in checks]
+
+
+@pytest.mark.parametrize(("suite", "check"), CASES, ids=[f"{s}-{c}" for s, c in CASES])
+def test_distributed(suite_results: Callable[[str], Any], suite: str, check: str) -> None:
+    results = suite_results(suite)
+    if isinstance(results, AssertionError):
+        raise results
+    errors = results[check]
+    assert not errors, "\n".join(errors)
+
+
+def test_outside_distributed_nothing_is_active() -> None:
+    assert not dist.is_initialized()
+    assert bnd.world_size() == 1
+    assert not bnd.is_active()
+    layer = bnkit.BatchNorm2d(3, sync=True)
+    plain = bnkit.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.equal(layer(x), plain(x))
+    assert torch.equal(layer.running_var, plain.running_var)
+
+
+def test_sync_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"process_group.*sync=True"):
+        bnkit.BatchNorm(3, process_group=object())
+    with pytest.raises(TypeError, match="sync must be True or False"):
+        bnkit.BatchNorm(3, sync="yes")  # type: ignore[arg-type]
+    layer = bnkit.BatchNorm2d(3, sync=True)
+    assert "sync=True" in repr(layer)
+    layer.sync = False
+    assert "sync" not in repr(layer)
+
+
+def test_layers_with_a_group_copy_by_sharing_it_and_refuse_pickling() -> None:
+    group = object()  # stands in for a ProcessGroup: only identity matters here
+    layer = bnkit.BatchNorm2d(3, sync=True, process_group=group)
+    assert copy.deepcopy(layer).process_group is group
+    with pytest.raises(TypeError, match="state_dict"):
+        torch.save(layer, io.BytesIO())
+    torch.save(bnkit.BatchNorm2d(3, sync=True), io.BytesIO())  # the default group pickles
+
+
+def test_to_torch_maps_synchronized_layers_to_sync_batch_norm() -> None:
+    group = object()
+    net = nn.Sequential(bnkit.BatchNorm2d(3, sync=True, process_group=group), bnkit.BatchNorm(3))
+    net[1].sync = True
+    back = bnkit.to_torch(net)
+    assert type(back[0]) is nn.SyncBatchNorm
+    assert back[0].process_group is group
+    assert type(back[1]) is nn.SyncBatchNorm  # generic layers need no generic_as when synced
+    assert back[1].process_group is None
+    again = bnkit.convert(back)
+    assert again[0].sync
+    assert again[0].process_group is group
+
+
+def test_sync_moments_is_local_without_a_group() -> None:
+    x = torch.randn(6, 3, 4, dtype=torch.float64) * 2 + 5
+    mean, var, count, elements = bnd.sync_moments(x, (0, 2))
+    torch.testing.assert_close(mean.squeeze(), x.mean((0, 2)))
+    torch.testing.assert_close(var.squeeze(), x.var((0, 2), unbiased=False))
+    assert torch.equal(count.squeeze(), torch.full((3,), 24.0, dtype=torch.float64))
+    assert torch.equal(elements, count)
+    empty = bnd.sync_moments(torch.zeros(0, 3), 0)
+    assert torch.equal(empty.n, torch.zeros(1, 3))
+    assert torch.equal(empty.mean, torch.zeros(1, 3))
+    assert math.isfinite(float(empty.var.sum()))

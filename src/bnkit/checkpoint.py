@@ -200,8 +200,34 @@ class Finding:
         )
 
 
+class FindingsSummary:
+    """``errors``, ``warnings``, ``notes`` and ``ok`` over a report's ``findings`` list."""
+
+    findings: list[Finding]
+
+    @property
+    def errors(self) -> list[Finding]:
+        """The findings of severity ``"error"``."""
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        """The findings of severity ``"warning"``."""
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def notes(self) -> list[Finding]:
+        """The findings of severity ``"info"`` (they do not make a report unhealthy)."""
+        return [f for f in self.findings if f.severity == "info"]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing of severity error or warning was found."""
+        return not any(f.severity in ("error", "warning") for f in self.findings)
+
+
 @dataclass
-class LoadReport:
+class LoadReport(FindingsSummary):
     """What :func:`load` read and found.
 
     Attributes:
@@ -230,21 +256,6 @@ class LoadReport:
     metadata: dict[str, str] = field(default_factory=dict)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     bnkit_version: str | None = None
-
-    @property
-    def errors(self) -> list[Finding]:
-        """The findings of severity ``"error"``."""
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        """The findings of severity ``"warning"``."""
-        return [f for f in self.findings if f.severity == "warning"]
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing of severity error or warning was found."""
-        return not any(f.severity in ("error", "warning") for f in self.findings)
 
     def __str__(self) -> str:
         lines = [f"loaded {self.path} ({self.format})"]

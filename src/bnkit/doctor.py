@@ -68,7 +68,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnkit import checkpoint as ckpt
 from bnkit import tf_import
 from bnkit.calibrate import CalibrationReport, recalibrate
-from bnkit.checkpoint import CheckpointError, Finding
+from bnkit.checkpoint import CheckpointError, Finding, FindingsSummary
 from bnkit.modules import BatchNorm
 from bnkit.policies import BatchNormWarning, calibrating
 
@@ -200,7 +200,7 @@ class LayerSummary:
 
 
 @dataclass
-class Report:
+class Report(FindingsSummary):
     """What :func:`diagnose` found.
 
     Attributes:
@@ -235,24 +235,9 @@ class Report:
     gap_floor: float | None = None
 
     @property
-    def errors(self) -> list[Finding]:
-        """Findings of severity ``"error"``."""
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        """Findings of severity ``"warning"``."""
-        return [f for f in self.findings if f.severity == "warning"]
-
-    @property
-    def notes(self) -> list[Finding]:
-        """Findings of severity ``"info"`` (they do not make a report unhealthy)."""
-        return [f for f in self.findings if f.severity == "info"]
-
-    @property
     def healthy(self) -> bool:
-        """No finding of severity error or warning."""
-        return not any(f.severity in ("error", "warning") for f in self.findings)
+        """No finding of severity error or warning (``ok``)."""
+        return self.ok
 
     @property
     def exit_code(self) -> int:

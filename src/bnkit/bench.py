@@ -63,12 +63,15 @@ __all__ = [
     "BenchReport",
     "BenchResult",
     "CpuMonitor",
+    "KernelResult",
     "add_arguments",
+    "format_kernel_table",
     "format_table",
     "machine_info",
     "parse_shapes",
     "run_benchmark",
     "run_cli",
+    "run_kernel_benchmark",
 ]
 
 #: Every configuration the harness knows; ``ghost_strided`` (Keras' ghost layout) is opt-in.
@@ -768,6 +771,199 @@ def format_table(report: BenchReport, *, markdown: bool = False) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------- C++ kernels (opt-in)
+
+#: Modes the C++ kernels cover so far (no backward kernel yet).
+KERNEL_MODES = ("fwd", "eval")
+
+
+@dataclass(frozen=True)
+class KernelResult:
+    """One row of ``bnkit bench --kernels cpp``: a C++ kernel pass against PyTorch and a copy.
+
+    ``fwd`` is the training forward's work without running statistics: ``bnkit::bn_stats``,
+    the per-channel fold ``scale = γ/sqrt(σ² + eps)``, then ``bnkit::bn_normalize``; ``torch``
+    is ``F.batch_norm(training=True)`` with running buffers. ``eval`` is ``bnkit::bn_eval``
+    against ``F.batch_norm(training=False)``. ``path`` says what ran in the ``kernel`` column:
+    ``"cpp"``, or ``"torch (fallback)"`` when the extension could not be built.
+    """
+
+    shape: tuple[int, ...]
+    layout: str
+    mode: str
+    path: str
+    repeats: int
+    kernel_ms: float
+    torch_ms: float
+    copy_ms: float
+    kernel_vs_torch: float
+    kernel_vs_copy: float
+    torch_vs_copy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _kernel_case(
+    shape: tuple[int, ...], layout: str, mode: str, seed: int, use_cpp: bool
+) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+    from bnkit.kernels import cpp
+
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = _make_input(shape, layout, gen)
+    weight = torch.rand(c, generator=gen) + 0.5
+    bias = torch.rand(c, generator=gen) - 0.5
+    running_mean, running_var = torch.zeros(c), torch.ones(c)
+    training = mode == "fwd"
+    dst = torch.empty_like(x)
+
+    def run_torch() -> None:
+        F.batch_norm(x, running_mean, running_var, weight, bias, training, _MOMENTUM, _EPS)
+
+    def copy() -> None:
+        dst.copy_(x)
+
+    if not use_cpp:
+        return run_torch, run_torch, copy
+
+    def run_kernel() -> None:
+        if training:
+            mean, var = cpp.bn_stats(x)
+            cpp.bn_normalize(x, mean, weight * torch.rsqrt(var + _EPS), bias)
+        else:
+            cpp.bn_eval(x, running_mean, running_var, weight, bias, _EPS)
+
+    return run_kernel, run_torch, copy
+
+
+def run_kernel_benchmark(
+    shapes: Sequence[tuple[int, ...]] = DEFAULT_SHAPES,
+    *,
+    modes: Sequence[str] = KERNEL_MODES,
+    layouts: Sequence[str] = LAYOUTS,
+    repeats: int | None = None,
+    warmup: int = 2,
+    seed: int = 0,
+    progress: Callable[[int, int, KernelResult], None] | None = None,
+) -> tuple[dict[str, Any], list[KernelResult]]:
+    """Time the C++ kernels (``bnkit.kernels.cpp``) against ``F.batch_norm`` and a copy.
+
+    Builds the extension first if needed; if it cannot be built (one
+    :class:`bnkit.kernels.cpp.CppKernelWarning`), every row times PyTorch's kernel in the
+    kernel column and says so in ``path``. Modes outside :data:`KERNEL_MODES` are skipped.
+
+    Returns:
+        ``(meta, rows)``: the machine facts (with ``kernel_path`` and, on fallback,
+        ``kernel_build_error``) and one :class:`KernelResult` per shape, layout and mode.
+    """
+    from bnkit.kernels import cpp
+
+    use_cpp = cpp.available()
+    meta = machine_info()
+    meta.update(repeats=repeats if repeats is not None else "auto", warmup=warmup)
+    meta["kernel_path"] = "cpp" if use_cpp else "torch (fallback)"
+    if not use_cpp:
+        meta["kernel_build_error"] = cpp.build_error()
+    plan = [
+        (shape, layout, mode)
+        for shape in shapes
+        for layout in layouts
+        if not (layout == "channels_last" and len(shape) != 4)
+        for mode in modes
+        if mode in KERNEL_MODES
+    ]
+    results: list[KernelResult] = []
+    for index, (shape, layout, mode) in enumerate(plan):
+        fns = _kernel_case(shape, layout, mode, seed, use_cpp)
+        with torch.no_grad():
+            (k, t, c), reps, _ = time_interleaved(fns, repeats=repeats, warmup=warmup)
+        row = KernelResult(
+            shape=tuple(shape),
+            layout=layout,
+            mode=mode,
+            path=meta["kernel_path"],
+            repeats=reps,
+            kernel_ms=1e3 * k,
+            torch_ms=1e3 * t,
+            copy_ms=1e3 * c,
+            kernel_vs_torch=k / t,
+            kernel_vs_copy=k / c,
+            torch_vs_copy=t / c,
+        )
+        results.append(row)
+        if progress is not None:
+            progress(index + 1, len(plan), row)
+    return meta, results
+
+
+_KERNEL_HEADER = [
+    "shape",
+    "layout",
+    "mode",
+    "path",
+    "kernel ms",
+    "torch ms",
+    "copy ms",
+    "kernel/torch",
+    "kernel/copy",
+    "torch/copy",
+]
+
+
+def format_kernel_table(
+    meta: dict[str, Any], rows: Sequence[KernelResult], *, markdown: bool = False
+) -> str:
+    """The ``--kernels cpp`` rows as an aligned text (or Markdown) table with the machine facts."""
+    cells = [
+        [
+            _shape_str(r.shape),
+            "NHWC" if r.layout == "channels_last" else "NCHW" if len(r.shape) == 4 else "NC",
+            r.mode,
+            r.path,
+            f"{r.kernel_ms:.3f}",
+            f"{r.torch_ms:.3f}",
+            f"{r.copy_ms:.3f}",
+            f"{r.kernel_vs_torch:.2f}",
+            f"{r.kernel_vs_copy:.1f}",
+            f"{r.torch_vs_copy:.1f}",
+        ]
+        for r in rows
+    ]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(_KERNEL_HEADER)]
+
+    def line(items: Sequence[str]) -> str:
+        padded = [
+            v.rjust(w) if i >= 4 else v.ljust(w)
+            for i, (v, w) in enumerate(zip(items, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |" if markdown else "  ".join(padded)
+
+    out = [
+        f"bnkit {meta['bnkit_version']} bench --kernels cpp, {meta['date']}: torch "
+        f"{meta['torch_version']}, {meta['torch_threads']} torch threads on {meta['cpu_count']} "
+        f"CPUs ({meta['cpu_model']}); kernel path: {meta['kernel_path']}",
+    ]
+    if meta.get("kernel_build_error"):
+        out.append(f"C++ build failed: {meta['kernel_build_error']}")
+    out += ["", line(_KERNEL_HEADER)]
+    if markdown:
+        out.append(
+            "|"
+            + "|".join(
+                ("-" * (w + 1) + ":") if i >= 4 else ("-" * (w + 2)) for i, w in enumerate(widths)
+            )
+            + "|"
+        )
+    else:
+        out.append("  ".join("-" * w for w in widths))
+    out.extend(line(row) for row in cells)
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------- CLI
 
 
@@ -801,6 +997,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-memory", dest="memory", action="store_false", help="skip peak-memory profiling"
     )
+    parser.add_argument(
+        "--kernels",
+        choices=("module", "cpp"),
+        default="module",
+        help="module (default): time bnkit.BatchNorm configurations; cpp: time the opt-in C++ "
+        "kernels (fwd = statistics + normalize, eval) against F.batch_norm and a copy, built "
+        "on first use",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -822,6 +1026,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bnkit bench: error: {exc}", file=sys.stderr)
         return 2
+
+    if getattr(args, "kernels", "module") == "cpp":
+        return _run_kernel_cli(args, shapes, modes, layouts)
 
     def progress(i: int, n: int, r: BenchResult) -> None:
         print(
@@ -850,6 +1057,36 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_kernel_cli(
+    args: argparse.Namespace,
+    shapes: Sequence[tuple[int, ...]],
+    modes: Sequence[str],
+    layouts: Sequence[str],
+) -> int:
+    def progress(i: int, n: int, r: KernelResult) -> None:
+        print(
+            f"[{i}/{n}] {_shape_str(r.shape)} {r.layout} {r.mode} ({r.path}): "
+            f"kernel {r.kernel_ms:.3f} ms, torch {r.torch_ms:.3f} ms, copy {r.copy_ms:.3f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    meta, rows = run_kernel_benchmark(
+        shapes,
+        modes=modes,
+        layouts=layouts,
+        repeats=args.repeats if not args.quick else (args.repeats or 3),
+        warmup=args.warmup if not args.quick else 1,
+        progress=None if args.json else progress,
+    )
+    meta["command"] = " ".join(["bnkit bench", *_argv_of(args)])
+    if args.json:
+        print(json.dumps({"meta": meta, "results": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(format_kernel_table(meta, rows, markdown=args.markdown))
+    return 0
+
+
 def _argv_of(args: argparse.Namespace) -> list[str]:
     """Reconstruct the options that differ from the defaults (for the record)."""
     argv = []
@@ -871,4 +1108,6 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         argv.append(f"--warmup {args.warmup}")
     if not args.memory:
         argv.append("--no-memory")
+    if getattr(args, "kernels", "module") != "module":
+        argv.append(f"--kernels {args.kernels}")
     return argv

@@ -671,8 +671,8 @@ class BatchNorm(nn.Module):
 
     def _check_update(self, state: RunningState, before: dict[str, Tensor], nonfinite: str) -> None:
         """Undo an update that made the running statistics non-finite (policy ``nonfinite``)."""
-        ok = running.all_finite(state)
         if torch.compiler.is_compiling():
+            ok = running.all_finite(state)
             # No data-dependent Python in a compiled graph: keep or restore with tensor ops.
             # The skip is neither warned about nor counted; "raise" is an in-graph assertion
             # (RuntimeError), checked after the restore.
@@ -685,7 +685,7 @@ class BatchNorm(nn.Module):
                     "(policy nonfinite='raise', under torch.compile)",
                 )
             return
-        if bool(ok):
+        if running.is_finite(state):
             return
         running.restore_(state, before)
         skipped = self._buffers.get("num_skipped_updates")

@@ -248,8 +248,8 @@ def test_bench_kernels_cpp_reports_cpp_path(capsys: pytest.CaptureFixture[str]) 
     assert rows == {
         ((4, 3, 5, 5), layout, mode)
         for layout in ("contiguous", "channels_last")
-        for mode in ("fwd", "eval")
-    } | {((8, 3), "contiguous", mode) for mode in ("fwd", "eval")}
+        for mode in ("fwd", "fwd+bwd", "eval")
+    } | {((8, 3), "contiguous", mode) for mode in ("fwd", "fwd+bwd", "eval")}
     assert all(r["path"] == "cpp" and r["kernel_ms"] > 0 for r in report["results"])
 
 
@@ -262,7 +262,224 @@ def test_bench_kernels_says_when_it_fell_back(monkeypatch: pytest.MonkeyPatch) -
         meta, rows = bench.run_kernel_benchmark([(4, 3)], repeats=1, warmup=1)
     assert meta["kernel_path"] == "torch (fallback)"
     assert meta["kernel_build_error"] == "OSError: no g++"
-    assert [r.path for r in rows] == ["torch (fallback)"] * 2
+    assert [r.mode for r in rows] == ["fwd", "fwd+bwd", "eval"]
+    assert [r.path for r in rows] == ["torch (fallback)"] * 3
     table = bench.format_kernel_table(meta, rows)
     assert "kernel path: torch (fallback)" in table
     assert "C++ build failed: OSError: no g++" in table
+
+
+# ---------------------------------------------------------------------- training backward
+
+
+def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.to(F64).view([1, -1] + [1] * (ndim - 2))
+
+
+def closed_form_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_x = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂)), Σdy·x̂, Σdy in float64."""
+    nd = x.ndim
+    dims = [d for d in range(nd) if d != 1]
+    n = x.numel() // x.shape[1]
+    dy64 = dy.to(F64)
+    xhat = (x.to(F64) - channel_view(mean, nd)) * channel_view(invstd, nd)
+    sum_dy = dy64.sum(dims)
+    sum_dy_xhat = (dy64 * xhat).sum(dims)
+    gamma = weight.to(F64) if weight is not None else torch.ones(x.shape[1], dtype=F64)
+    grad_x = (channel_view(gamma, nd) * channel_view(invstd, nd)) * (
+        dy64 - channel_view(sum_dy, nd) / n - xhat * channel_view(sum_dy_xhat, nd) / n
+    )
+    return grad_x, sum_dy_xhat, sum_dy
+
+
+def grad_tol(dtype: torch.dtype) -> dict[str, float]:
+    # float32 gradients: the sums over n values and the x̂·Σ term cancel more than the forward.
+    return {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else tol(dtype)
+
+
+def sum_tol(dtype: torch.dtype, dy: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+    """Tolerance for the per-channel sums Σdy, Σdy·x̂: relative to Σ|terms|, not to the sum.
+
+    Those sums cancel (the result is far smaller than its terms), so float32 rounding is
+    bounded by a few ulps of Σ|dy|·|x̂|, not of the result.
+    """
+    if dtype != torch.float32:
+        return tol(dtype)
+    x64 = x.to(F64).movedim(1, -1).reshape(-1, x.shape[1])
+    xhat = (x64 - x64.mean(0)) / x64.std(0, correction=0).clamp_min(1e-3)
+    terms = (dy.to(F64).movedim(1, -1).reshape(-1, x.shape[1]).abs() * (1 + xhat.abs())).sum(0)
+    return {"rtol": 1e-4, "atol": 4e-7 * terms.max().item()}
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "layout"), GRID)
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_matches_closed_form(shape, layout, dtype, affine, threads) -> None:
+    x = make(shape, layout, dtype)
+    dy = make(shape, layout, dtype, loc=0.3)
+    c = shape[1]
+    ref_mean, ref_var = closed_form_moments(x)
+    mean = ref_mean.to(dtype)
+    invstd = torch.rsqrt(ref_var + EPS).to(dtype)
+    weight = (torch.rand(c, dtype=F64) + 0.5).to(dtype) if affine else None
+    grad_x, grad_weight, grad_bias = cpp.bn_backward(dy, x, mean, invstd, weight)
+    ref_x, ref_w, ref_b = closed_form_backward(dy, x, mean, invstd, weight)
+    assert grad_x.dtype == dtype
+    assert grad_weight.dtype == dtype
+    assert grad_bias.dtype == dtype
+    assert grad_x.shape == x.shape
+    assert grad_weight.shape == (c,)
+    assert grad_bias.shape == (c,)
+    if layout != "strided":
+        assert grad_x.stride() == x.stride()
+    torch.testing.assert_close(grad_x.to(F64), ref_x, **grad_tol(dtype))
+    torch.testing.assert_close(grad_weight.to(F64), ref_w, **sum_tol(dtype, dy, x))
+    torch.testing.assert_close(grad_bias.to(F64), ref_b, **sum_tol(dtype, dy, x))
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "layout"), GRID)
+@pytest.mark.parametrize("affine", [True, False])
+def test_train_matches_torch_and_closed_form(shape, layout, dtype, affine, threads) -> None:
+    x = make(shape, layout, dtype)
+    c = shape[1]
+    weight = (torch.rand(c, dtype=F64) + 0.5).to(dtype) if affine else None
+    bias = torch.randn(c, dtype=F64).to(dtype) if affine else None
+    dy = make(shape, layout, dtype, loc=-0.7)
+
+    def leaves() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return (
+            x.detach().clone().requires_grad_(),
+            weight.detach().clone().requires_grad_() if weight is not None else None,
+            bias.detach().clone().requires_grad_() if bias is not None else None,
+        )
+
+    xk, wk, bk = leaves()
+    y, mean, var = cpp.bn_train(xk, wk, bk, EPS)
+    y.backward(dy)
+    xt, wt, bt = leaves()
+    torch_y = torch.nn.functional.batch_norm(xt, None, None, wt, bt, True, 0.0, EPS)
+    torch_y.backward(dy)
+
+    # Forward: closed form and torch.
+    ref_mean, ref_var = closed_form_moments(x)
+    gamma = weight.to(F64) if weight is not None else torch.ones(c, dtype=F64)
+    beta = bias.to(F64) if bias is not None else torch.zeros(c, dtype=F64)
+    expected = closed_form_normalize(x, ref_mean, gamma / torch.sqrt(ref_var + EPS), beta)
+    assert y.dtype == dtype
+    assert mean.dtype == dtype
+    assert var.dtype == dtype
+    if layout != "strided":
+        assert y.stride() == x.stride()
+    torch.testing.assert_close(y.to(F64), expected, **tol(dtype))
+    torch.testing.assert_close(mean.to(F64), ref_mean, **tol(dtype))
+    torch.testing.assert_close(var.to(F64), ref_var, **tol(dtype))
+    torch.testing.assert_close(y, torch_y, **tol(dtype))
+
+    # Backward: closed form (float64 statistics) and torch.
+    invstd = torch.rsqrt(ref_var + EPS)
+    ref_x, ref_w, ref_b = closed_form_backward(dy, x, ref_mean, invstd, weight)
+    assert xk.grad is not None
+    assert xt.grad is not None
+    torch.testing.assert_close(xk.grad.to(F64), ref_x, **grad_tol(dtype))
+    torch.testing.assert_close(xk.grad, xt.grad, **grad_tol(dtype))
+    if affine:
+        assert wk is not None
+        assert bk is not None
+        assert wt is not None
+        assert bt is not None
+        stol = sum_tol(dtype, dy, x)
+        torch.testing.assert_close(wk.grad.to(F64), ref_w, **stol)
+        torch.testing.assert_close(bk.grad.to(F64), ref_b, **stol)
+        torch.testing.assert_close(wk.grad, wt.grad, **stol)
+        torch.testing.assert_close(bk.grad, bt.grad, **stol)
+
+
+GRADCHECK_GRID = [
+    ((3, 2, 3, 4), "contiguous"),
+    ((3, 2, 3, 4), "channels_last"),
+    ((4, 1, 5), "contiguous"),  # C = 1
+    ((6, 3), "contiguous"),  # (N, C)
+    ((5, 3, 1, 1), "channels_last"),  # HW = 1
+    ((2, 3, 2, 6), "strided"),
+]
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize(("shape", "layout"), GRADCHECK_GRID)
+@pytest.mark.parametrize("affine", [True, False])
+def test_train_gradcheck_float64(shape, layout, affine) -> None:
+    x = make(shape, layout, F64).requires_grad_()
+    c = shape[1]
+    inputs: list[torch.Tensor] = [x]
+    if affine:
+        inputs += [
+            (torch.rand(c, dtype=F64) + 0.5).requires_grad_(),
+            torch.randn(c, dtype=F64).requires_grad_(),
+        ]
+
+    def fn(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w, b = (args[1], args[2]) if affine else (None, None)
+        return cpp.bn_train(args[0], w, b, EPS)  # every output, mean and var included
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+@pytest.mark.usefixtures("built")
+def test_train_backward_ops_pass_opcheck() -> None:
+    x = torch.randn(4, 3, 5, 5, dtype=F64)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(3, dtype=F64) + 0.5, torch.randn(3, dtype=F64)
+    mean, invstd = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    for t in (x, x_cl, torch.randn(7, 3, dtype=F64)):
+        torch.library.opcheck(torch.ops.bnkit.bn_backward.default, (t, t, mean, invstd, w))
+        torch.library.opcheck(torch.ops.bnkit.bn_backward.default, (t, t, mean, invstd, None))
+        torch.library.opcheck(
+            torch.ops.bnkit.bn_train.default, (t.clone().requires_grad_(), w, b, EPS)
+        )
+        torch.library.opcheck(
+            torch.ops.bnkit.bn_train.default,
+            (t.clone().requires_grad_(), w.requires_grad_(), b.requires_grad_(), EPS),
+        )
+        w, b = w.detach(), b.detach()
+        torch.library.opcheck(torch.ops.bnkit.bn_train.default, (t, None, None, EPS))
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_train_compiles_fullgraph_with_backward(backend: str) -> None:
+    x = torch.randn(4, 3, 5, 5)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    dy = torch.randn(4, 3, 5, 5)
+
+    def step(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y, _, _ = torch.ops.bnkit.bn_train(t, weight, bias, EPS)
+        return (y * dy).sum()
+
+    def grads(fn) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        fn(*leaves).backward()
+        return tuple(t.grad for t in leaves)  # type: ignore[misc]
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    for got, want in zip(grads(compiled), grads(step), strict=True):
+        torch.testing.assert_close(got, want)
+    # And against torch's own kernel.
+    for got, want in zip(
+        grads(compiled),
+        grads(
+            lambda t, weight, bias: (
+                torch.nn.functional.batch_norm(t, None, None, weight, bias, True, 0.0, EPS) * dy
+            ).sum()
+        ),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -773,8 +773,8 @@ def format_table(report: BenchReport, *, markdown: bool = False) -> str:
 
 # ------------------------------------------------------------------- C++ kernels (opt-in)
 
-#: Modes the C++ kernels cover so far (no backward kernel yet).
-KERNEL_MODES = ("fwd", "eval")
+#: Modes the C++ kernels cover so far.
+KERNEL_MODES = ("fwd", "fwd+bwd", "eval")
 
 
 @dataclass(frozen=True)
@@ -784,7 +784,10 @@ class KernelResult:
     ``fwd`` is the training forward's work without running statistics: ``bnkit::bn_stats``,
     the per-channel fold ``scale = γ/sqrt(σ² + eps)``, then ``bnkit::bn_normalize``; ``torch``
     is ``F.batch_norm(training=True)`` with running buffers. ``eval`` is ``bnkit::bn_eval``
-    against ``F.batch_norm(training=False)``. ``path`` says what ran in the ``kernel`` column:
+    against ``F.batch_norm(training=False)``. ``fwd+bwd`` is one autograd step,
+    ``bnkit::bn_train`` (statistics + normalize) then ``.backward`` through ``bnkit::bn_backward``
+    (gradients to x, γ, β), against the same step through ``F.batch_norm(training=True)``; the
+    copy column is still one copy of x. ``path`` says what ran in the ``kernel`` column:
     ``"cpp"``, or ``"torch (fallback)"`` when the extension could not be built.
     """
 
@@ -818,14 +821,31 @@ def _kernel_case(
     weight = torch.rand(c, generator=gen) + 0.5
     bias = torch.rand(c, generator=gen) - 0.5
     running_mean, running_var = torch.zeros(c), torch.ones(c)
-    training = mode == "fwd"
+    training = mode != "eval"
     dst = torch.empty_like(x)
-
-    def run_torch() -> None:
-        F.batch_norm(x, running_mean, running_var, weight, bias, training, _MOMENTUM, _EPS)
 
     def copy() -> None:
         dst.copy_(x)
+
+    if mode == "fwd+bwd":
+        grad_y = _make_input(shape, layout, gen)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+
+        def step(use_kernel: bool) -> None:
+            xl, wl, bl = leaves
+            for t in leaves:
+                t.grad = None
+            with torch.enable_grad():
+                if use_kernel:
+                    y, _, _ = cpp.bn_train(xl, wl, bl, _EPS)
+                else:
+                    y = F.batch_norm(xl, running_mean, running_var, wl, bl, True, _MOMENTUM, _EPS)
+                torch.autograd.backward(y, grad_y)
+
+        return (lambda: step(use_cpp)), (lambda: step(False)), copy
+
+    def run_torch() -> None:
+        F.batch_norm(x, running_mean, running_var, weight, bias, training, _MOMENTUM, _EPS)
 
     if not use_cpp:
         return run_torch, run_torch, copy

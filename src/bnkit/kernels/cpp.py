@@ -19,10 +19,18 @@ Operators (float32/float64, CPU, channels on dim 1; NCHW-contiguous, channels-la
   cancel.
 * ``bnkit::bn_eval(x, mean, var, weight, bias, eps) -> y``: the inference pass,
   ``y = (x - μ_c)·γ_c/sqrt(σ²_c + eps) + β_c``, the fold computed in float64.
+* ``bnkit::bn_backward(grad_out, x, mean, invstd, weight?, grad_mean?, grad_var?)
+  -> (grad_x, grad_weight, grad_bias)``: the training backward (biased batch variance).
+  One pass accumulates Σdy and Σdy·(x - μ) per channel (runs in the input precision, summed
+  in float64), a second writes ``grad_x = γ·invstd·(dy - Σdy/n - x̂·Σdy·x̂/n)``, plus
+  ``grad_mean/n + 2·grad_var·(x - μ)/n`` when gradients of the statistics outputs are given.
+* ``bnkit::bn_train(x, weight?, bias?, eps) -> (y, mean, var)``: the training forward
+  (``bn_stats`` then the normalize pass), with an autograd formula (``bn_backward``)
+  registered by ``torch.library.register_autograd``: differentiable, ``gradcheck`` passes in
+  float64, and ``torch.compile(fullgraph=True)`` traces forward and backward.
 
-Not yet here (next steps of issue 7): autograd formulas (the operators have none; calling them
-on tensors that require grad gives outputs without a gradient), the backward kernel, half
-precision, and dispatch from ``bnkit.functional`` (the default path is untouched).
+Not yet here (next steps of issue 7): double backward, half precision, fused activations and
+the other options, and dispatch from ``bnkit.functional`` (the default path is untouched).
 
 If no compiler is available or the build fails, :func:`available` warns once
 (:class:`CppKernelWarning`) and returns False; callers fall back to PyTorch's kernels.
@@ -43,9 +51,11 @@ from torch import Tensor
 __all__ = [
     "CppKernelWarning",
     "available",
+    "bn_backward",
     "bn_eval",
     "bn_normalize",
     "bn_stats",
+    "bn_train",
     "build_error",
     "load",
 ]
@@ -115,12 +125,61 @@ def _register_fakes() -> None:
     ) -> Tensor:
         return torch.empty_like(x)
 
+    def backward_fake(
+        grad_out: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        grad_mean: Tensor | None = None,
+        grad_var: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        c = x.shape[1]
+        return torch.empty_like(x), x.new_empty((c,)), x.new_empty((c,))
+
+    def train_fake(
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        c = x.shape[1]
+        return torch.empty_like(x), x.new_empty((c,)), x.new_empty((c,))
+
     for name, fn in (
         ("bnkit::bn_stats", stats_fake),
         ("bnkit::bn_normalize", normalize_fake),
         ("bnkit::bn_eval", eval_fake),
+        ("bnkit::bn_backward", backward_fake),
+        ("bnkit::bn_train", train_fake),
     ):
         torch.library.register_fake(name, fn)
+    torch.library.register_autograd(
+        "bnkit::bn_train", _train_backward, setup_context=_train_setup_context
+    )
+
+
+def _train_setup_context(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]
+) -> None:
+    x, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, mean, var)
+    ctx.eps = eps
+    ctx.has_bias = bias is not None
+
+
+def _train_backward(
+    ctx: Any, grad_y: Tensor, grad_mean: Tensor | None, grad_var: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    x, weight, mean, var = ctx.saved_tensors
+    invstd = torch.rsqrt(var + ctx.eps)
+    grad_x, grad_weight, grad_bias = torch.ops.bnkit.bn_backward(
+        grad_y, x, mean, invstd, weight, grad_mean, grad_var
+    )
+    return (
+        grad_x,
+        grad_weight if weight is not None else None,
+        grad_bias if ctx.has_bias else None,
+        None,
+    )
 
 
 def load() -> None:
@@ -203,3 +262,40 @@ def bn_eval(
         load()
     y: Tensor = torch.ops.bnkit.bn_eval(x, mean, var, weight, bias, eps)
     return y
+
+
+def bn_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training batch-norm backward (biased batch variance): ``(grad_x, grad_weight, grad_bias)``.
+
+    ``grad_bias = Σdy``, ``grad_weight = Σdy·x̂`` (one pass, float64 per run) and
+    ``grad_x = γ·invstd·(dy − Σdy/n − x̂·Σdy·x̂/n)`` (second pass), ``x̂ = (x − μ)·invstd``;
+    ``γ = 1`` when ``weight`` is None. Not differentiable itself (no double backward).
+    """
+    if not _state["loaded"]:
+        load()
+    grad_x, grad_weight, grad_bias = torch.ops.bnkit.bn_backward(grad_out, x, mean, invstd, weight)
+    return grad_x, grad_weight, grad_bias
+
+
+def bn_train(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training batch norm with batch statistics: ``(y, mean, biased var)``, differentiable.
+
+    ``y = (x − μ_c)·γ_c/sqrt(σ²_c + eps) + β_c`` with ``μ, σ²`` from :func:`bn_stats`; the
+    gradient (to ``x``, ``weight``, ``bias``, also through the ``mean``/``var`` outputs) is
+    :func:`bn_backward`. No running statistics are updated here.
+    """
+    if not _state["loaded"]:
+        load()
+    y, mean, var = torch.ops.bnkit.bn_train(x, weight, bias, eps)
+    return y, mean, var

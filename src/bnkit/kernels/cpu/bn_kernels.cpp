@@ -1,10 +1,16 @@
-// bnkit's CPU batch-norm kernels (first step: forward only, opt-in).
+// bnkit's CPU batch-norm kernels (opt-in; not used by bnkit.functional yet).
 //
 // Operators (namespace bnkit, schemas below):
 //   bn_stats(x) -> (mean, var)            per-channel mean and biased variance, one pass
 //   bn_normalize(x, mean, scale, shift)   y = (x - mean_c) * scale_c + shift_c, one pass
 //   bn_eval(x, mean, var, weight?, bias?, eps)
 //                                         y = (x - mean_c) * gamma_c / sqrt(var_c + eps) + beta_c
+//   bn_backward(dy, x, mean, invstd, weight?, grad_mean?, grad_var?) -> (dx, dweight, dbias)
+//                                         training backward: Σdy and Σdy·(x - mean) in one pass
+//                                         (double per run, as bn_stats), dx in a second pass
+//   bn_train(x, weight?, bias?, eps) -> (y, mean, var)
+//                                         training forward: bn_stats then the normalize pass
+//                                         (autograd registered from Python with bn_backward)
 //
 // Layouts: channels on dim 1. A tensor is seen either as "blocks" (outer, C, inner) when it is
 // contiguous (NCHW, NCL, NCDHW) or as "rows" (rows, C) when its channels are innermost
@@ -27,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -339,6 +346,250 @@ at::Tensor bn_eval(const at::Tensor& input, const at::Tensor& mean, const at::Te
   return eval_impl<double>(v, mean, var, weight, bias, eps);
 }
 
+// ------------------------------------------------------------------------------ backward
+
+// Σdy and Σdy·(x - mean) per channel, in double (runs in the input precision, as bn_stats).
+template <typename scalar_t>
+static void backward_sums(const View& v, const scalar_t* x, const scalar_t* dy,
+                          const scalar_t* m, double* sum_dy, double* sum_dyx) {
+  const int64_t c_count = v.channels;
+  if (v.rows) {
+    const int64_t rows = v.outer;
+    const int64_t run =
+        std::max<int64_t>(1, std::min<int64_t>(kChunk, 65536 / std::max<int64_t>(c_count, 1)));
+    const int64_t runs = (rows + run - 1) / run;
+    const bool nested = at::in_parallel_region();
+    const int threads = nested ? 1 : std::max(1, at::get_num_threads());
+    std::vector<double> t1(static_cast<size_t>(threads) * c_count, 0.0);
+    std::vector<double> t2(static_cast<size_t>(threads) * c_count, 0.0);
+    auto body = [&](int64_t begin, int64_t end) {
+      const int tid = nested ? 0 : at::get_thread_num();
+      TORCH_CHECK(tid >= 0 && tid < threads, "bnkit::bn_backward: unexpected thread id ", tid);
+      double* d1 = t1.data() + static_cast<size_t>(tid) * c_count;
+      double* d2 = t2.data() + static_cast<size_t>(tid) * c_count;
+      std::vector<scalar_t> a1(c_count), a2(c_count);
+      for (int64_t r = begin; r < end; ++r) {
+        std::fill(a1.begin(), a1.end(), scalar_t(0));
+        std::fill(a2.begin(), a2.end(), scalar_t(0));
+        scalar_t* q1 = a1.data();
+        scalar_t* q2 = a2.data();
+        const int64_t first = r * run, last = std::min(rows, first + run);
+        for (int64_t row = first; row < last; ++row) {
+          const scalar_t* p = x + row * c_count;
+          const scalar_t* g = dy + row * c_count;
+#pragma omp simd
+          for (int64_t c = 0; c < c_count; ++c) {
+            q1[c] += g[c];
+            q2[c] += g[c] * (p[c] - m[c]);
+          }
+        }
+        for (int64_t c = 0; c < c_count; ++c) {
+          d1[c] += q1[c];
+          d2[c] += q2[c];
+        }
+      }
+    };
+    if (nested) {
+      body(0, runs);
+    } else {
+      at::parallel_for(0, runs, 1, body);
+    }
+    for (int64_t c = 0; c < c_count; ++c) {
+      double s1 = 0, s2 = 0;
+      for (int t = 0; t < threads; ++t) {
+        s1 += t1[static_cast<size_t>(t) * c_count + c];
+        s2 += t2[static_cast<size_t>(t) * c_count + c];
+      }
+      sum_dy[c] = s1;
+      sum_dyx[c] = s2;
+    }
+    return;
+  }
+  const int64_t n_outer = v.outer, inner = v.inner;
+  const int64_t chunks = (inner + kChunk - 1) / kChunk;
+  const int64_t tasks = n_outer * c_count * chunks;
+  std::vector<double> s1(tasks), s2(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t chunk = t % chunks;
+      const int64_t block = t / chunks;
+      const int64_t c = block % c_count;
+      const int64_t offset = block * inner + chunk * kChunk;
+      const int64_t len = std::min(kChunk, inner - chunk * kChunk);
+      const scalar_t mc = m[c];
+      const scalar_t* p = x + offset;
+      const scalar_t* g = dy + offset;
+      scalar_t a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+      for (int64_t i = 0; i < len; ++i) {
+        a1 += g[i];
+        a2 += g[i] * (p[i] - mc);
+      }
+      s1[t] = a1;
+      s2[t] = a2;
+    }
+  });
+  at::parallel_for(0, c_count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double u1 = 0, u2 = 0;
+      for (int64_t n = 0; n < n_outer; ++n) {
+        const int64_t base = (n * c_count + c) * chunks;
+        for (int64_t j = 0; j < chunks; ++j) {
+          u1 += s1[base + j];
+          u2 += s2[base + j];
+        }
+      }
+      sum_dy[c] = u1;
+      sum_dyx[c] = u2;
+    }
+  });
+}
+
+// grad_x = a_c·dy + b_c·(x - mean_c) + d_c, one pass.
+template <typename scalar_t>
+static void backward_apply(const View& v, const scalar_t* x, const scalar_t* dy, scalar_t* gx,
+                           const scalar_t* m, const scalar_t* a, const scalar_t* b,
+                           const scalar_t* d) {
+  const int64_t c_count = v.channels;
+  if (v.rows) {
+    const int64_t rows = v.outer;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(c_count, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* p = x + row * c_count;
+        const scalar_t* g = dy + row * c_count;
+        scalar_t* q = gx + row * c_count;
+#pragma omp simd
+        for (int64_t c = 0; c < c_count; ++c) {
+          q[c] = a[c] * g[c] + b[c] * (p[c] - m[c]) + d[c];
+        }
+      }
+    });
+    return;
+  }
+  const int64_t inner = v.inner;
+  const int64_t chunks = (inner + kChunk - 1) / kChunk;
+  const int64_t tasks = v.outer * c_count * chunks;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t chunk = t % chunks;
+      const int64_t block = t / chunks;
+      const int64_t c = block % c_count;
+      const int64_t offset = block * inner + chunk * kChunk;
+      const int64_t len = std::min(kChunk, inner - chunk * kChunk);
+      const scalar_t mc = m[c], ac = a[c], bc = b[c], dc = d[c];
+      const scalar_t* p = x + offset;
+      const scalar_t* g = dy + offset;
+      scalar_t* q = gx + offset;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        q[i] = ac * g[i] + bc * (p[i] - mc) + dc;
+      }
+    }
+  });
+}
+
+// dy in the same memory layout as the view of x (strides equal), copying only when needed.
+static at::Tensor like_view(const at::Tensor& t, const View& v) {
+  if (t.strides() == v.x.strides()) return t;
+  if (v.rows) {
+    at::Tensor moved = t.movedim(1, -1).contiguous().movedim(-1, 1);
+    TORCH_CHECK(moved.strides() == v.x.strides(), "bnkit: unexpected grad_out strides");
+    return moved;
+  }
+  return t.contiguous();
+}
+
+template <typename scalar_t>
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const View& v, const at::Tensor& dy_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& grad_mean,
+    const std::optional<at::Tensor>& grad_var) {
+  const int64_t c_count = v.channels;
+  const at::Tensor dy = like_view(dy_in.to(v.x.scalar_type()), v);
+  const std::vector<scalar_t> m = channel_values<scalar_t>(mean);
+  const std::vector<double> is = channel_values<double>(invstd);
+  const bool has_w = weight.has_value() && weight->defined();
+  if (has_w) check_channel_vector(*weight, v, "weight");
+  const std::vector<double> w = has_w ? channel_values<double>(*weight) : std::vector<double>();
+  const bool has_gm = grad_mean.has_value() && grad_mean->defined();
+  const bool has_gv = grad_var.has_value() && grad_var->defined();
+  if (has_gm) check_channel_vector(*grad_mean, v, "grad_mean");
+  if (has_gv) check_channel_vector(*grad_var, v, "grad_var");
+  const std::vector<double> gm =
+      has_gm ? channel_values<double>(*grad_mean) : std::vector<double>();
+  const std::vector<double> gv = has_gv ? channel_values<double>(*grad_var) : std::vector<double>();
+  std::vector<double> sum_dy(c_count, 0.0), sum_dyx(c_count, 0.0);
+  at::Tensor gx = output_like(v, v.x);
+  const int64_t n = v.outer * v.inner;
+  if (v.x.numel() > 0) {
+    backward_sums<scalar_t>(v, v.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                            m.data(), sum_dy.data(), sum_dyx.data());
+    const double count = static_cast<double>(n);
+    std::vector<scalar_t> a(c_count), b(c_count), d(c_count);
+    for (int64_t c = 0; c < c_count; ++c) {
+      const double k = (has_w ? w[c] : 1.0) * is[c];  // γ·invstd
+      // grad_x = k·(dy - Σdy/n - x̂·Σdy·x̂/n), x̂ = (x - μ)·invstd, Σdy·x̂ = invstd·Σdy(x - μ);
+      // plus the mean and (biased) variance outputs' own gradients: gm/n + 2·gv·(x - μ)/n.
+      double bc = -k * is[c] * is[c] * sum_dyx[c] / count;
+      double dc = -k * sum_dy[c] / count;
+      if (has_gm) dc += gm[c] / count;
+      if (has_gv) bc += 2.0 * gv[c] / count;
+      a[c] = static_cast<scalar_t>(k);
+      b[c] = static_cast<scalar_t>(bc);
+      d[c] = static_cast<scalar_t>(dc);
+    }
+    backward_apply<scalar_t>(v, v.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                             gx.data_ptr<scalar_t>(), m.data(), a.data(), b.data(), d.data());
+  }
+  auto opts = v.x.options().dtype(at::kDouble);
+  at::Tensor grad_bias = at::empty({c_count}, opts);
+  at::Tensor grad_weight = at::empty({c_count}, opts);
+  double* gb = grad_bias.data_ptr<double>();
+  double* gw = grad_weight.data_ptr<double>();
+  for (int64_t c = 0; c < c_count; ++c) {
+    gb[c] = sum_dy[c];
+    gw[c] = sum_dyx[c] * is[c];
+  }
+  const auto dtype = v.x.scalar_type();
+  return {gx, grad_weight.to(dtype), grad_bias.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& grad_mean, const std::optional<at::Tensor>& grad_var) {
+  check_input(input);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnkit::bn_backward: grad_out shape ",
+              grad_out.sizes(), " differs from x shape ", input.sizes());
+  TORCH_CHECK(grad_out.device().is_cpu(), "bnkit: CPU tensors only");
+  const View v = view_of(input);
+  TORCH_CHECK(v.channels == 0 || v.outer * v.inner > 0,
+              "bnkit::bn_backward: no values per channel (shape ", input.sizes(), ")");
+  check_channel_vector(mean, v, "mean");
+  check_channel_vector(invstd, v, "invstd");
+  if (input.scalar_type() == at::kFloat) {
+    return backward_impl<float>(v, grad_out, mean, invstd, weight, grad_mean, grad_var);
+  }
+  return backward_impl<double>(v, grad_out, mean, invstd, weight, grad_mean, grad_var);
+}
+
+// ------------------------------------------------------------------------------ training forward
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train(const at::Tensor& input,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        double eps) {
+  check_input(input);
+  auto [mean, var] = bn_stats(input);
+  const View v = view_of(input);
+  // The normalize is bn_eval's pass with the batch statistics (fold in double).
+  at::Tensor y = input.scalar_type() == at::kFloat
+                     ? eval_impl<float>(v, mean, var, weight, bias, eps)
+                     : eval_impl<double>(v, mean, var, weight, bias, eps);
+  return {y, mean, var};
+}
+
 }  // namespace bnkit_cpu
 
 TORCH_LIBRARY_FRAGMENT(bnkit, m) {
@@ -347,10 +598,16 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
   m.def(
       "bn_eval(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> "
       "Tensor");
+  m.def(
+      "bn_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor? grad_mean=None, Tensor? grad_var=None) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_train(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
   m.impl("bn_stats", &bnkit_cpu::bn_stats);
   m.impl("bn_normalize", &bnkit_cpu::bn_normalize);
   m.impl("bn_eval", &bnkit_cpu::bn_eval);
+  m.impl("bn_backward", &bnkit_cpu::bn_backward);
+  m.impl("bn_train", &bnkit_cpu::bn_train);
 }

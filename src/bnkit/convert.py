@@ -359,15 +359,7 @@ def convert(model: nn.Module, **options: Any) -> nn.Module:
         )
     if hooked:
         raise _hook_error("convert", hooked)
-    new: dict[int, nn.Module] = {}
-    for path, module in found:
-        try:
-            new[id(module)] = _to_bnkit(module, options)
-        except (TypeError, ValueError) as err:
-            raise type(err)(
-                f"bnkit.convert: cannot convert {_label(path)} ({type(module).__name__}); "
-                f"nothing was converted: {err}"
-            ) from err
+    new: dict[int, nn.Module] = dict(_convert_each("convert", found, options, "converted"))
     if foreign:
         warnings.warn(
             "bnkit.convert: these layers subclass torch's batch norm with classes bnkit does "
@@ -632,16 +624,8 @@ def freeze(model: nn.Module, *, affine_trainable: bool = False) -> nn.Module:
         )
     if hooked:
         raise _hook_error("freeze", hooked)
-    new: dict[int, nn.Module] = {}
-    for path, module in torch_layers:
-        try:
-            new[id(module)] = layer = _to_bnkit(module, {})
-        except (TypeError, ValueError) as err:
-            raise type(err)(
-                f"bnkit.freeze: cannot convert {_label(path)} ({type(module).__name__}); "
-                f"nothing was changed: {err}"
-            ) from err
-        layers.append(layer)
+    converted = _convert_each("freeze", torch_layers, {}, "changed")
+    layers.extend(converted.values())
     for layer in layers:
         layer.frozen = True
         if affine_trainable:
@@ -652,7 +636,23 @@ def freeze(model: nn.Module, *, affine_trainable: bool = False) -> nn.Module:
                 object.__setattr__(layer, _SAVED_FLAGS, flags)
             for p in _affine(layer).values():
                 p.requires_grad_(False)
-    return _replace(model, new)
+    return _replace(model, dict(converted))
+
+
+def _convert_each(
+    func: str, found: list[tuple[str, _BatchNorm]], options: dict[str, Any], outcome: str
+) -> dict[int, BatchNorm]:
+    """bnkit equivalents of torch layers, by id; an error names the layer that failed."""
+    new: dict[int, BatchNorm] = {}
+    for path, module in found:
+        try:
+            new[id(module)] = _to_bnkit(module, options)
+        except (TypeError, ValueError) as err:
+            raise type(err)(
+                f"bnkit.{func}: cannot convert {_label(path)} ({type(module).__name__}); "
+                f"nothing was {outcome}: {err}"
+            ) from err
+    return new
 
 
 def _affine(layer: BatchNorm) -> dict[str, nn.Parameter]:

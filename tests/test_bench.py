@@ -38,6 +38,9 @@ RESULT_KEYS = {
     "peak_torch_mib",
     "other_cpu",
     "torch_module_vs_torch",
+    "tf_ms",
+    "vs_tf",
+    "copy_target",
 }
 META_KEYS = {
     "date",
@@ -325,6 +328,50 @@ def test_cpu_monitor_sees_other_processes() -> None:
     # One of cpu_count CPUs busy for most of the wall time (startup makes it less than 1).
     cpus = os.cpu_count() or 1
     assert 0.4 / cpus <= share <= 1.0
+
+
+def test_rows_without_compare_tf_have_no_tf_columns(quick_report: bench.BenchReport) -> None:
+    assert all(r.tf_ms is None and r.vs_tf is None for r in quick_report.results)
+    assert not any(key.startswith("tf_") for key in quick_report.meta)
+    for markdown in (False, True):
+        table = bench.format_table(quick_report, markdown=markdown)
+        assert "tf ms" not in table
+        assert "bnkit/tf" not in table
+        assert "TensorFlow" not in table
+
+
+@pytest.fixture
+def _without_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes `import tensorflow` fail as if it were not installed.
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    monkeypatch.setitem(sys.modules, "tf_keras", None)
+
+
+@pytest.mark.usefixtures("_without_tensorflow")
+@pytest.mark.parametrize("kernels", ["torch", "cpp", "ops"])
+def test_compare_tf_without_tensorflow_exits_2_naming_the_install(
+    kernels: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.run_cli(_args("--quick", "--compare-tf", "--kernels", kernels)) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("bnkit bench: error: --compare-tf needs TensorFlow and tf_keras")
+    assert err.endswith("install them with: pip install 'bnkit[tf]'\n")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.usefixtures("_without_tensorflow")
+def test_compare_tf_without_tensorflow_raises_from_python() -> None:
+    from bnkit import bench_tf
+
+    message = r"needs TensorFlow and tf_keras.*pip install 'bnkit\[tf\]'"
+    with pytest.raises(bench_tf.TensorFlowNotInstalledError, match=message) as info:
+        bench.run_benchmark([(4, 3)], modes=["fwd"], quick=True, memory=False, compare_tf=True)
+    assert isinstance(info.value, ImportError)
+    with pytest.raises(bench_tf.TensorFlowNotInstalledError, match=message):
+        bench.run_kernel_benchmark([(4, 3)], repeats=1, warmup=1, compare_tf=True)
+    with pytest.raises(bench_tf.TensorFlowNotInstalledError, match=message):
+        bench_tf.keras_step(torch.ones(4, 3), layout="contiguous", mode="fwd")
 
 
 def test_default_rows_also_time_torch_module(quick_report: bench.BenchReport) -> None:

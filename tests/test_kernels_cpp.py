@@ -188,9 +188,11 @@ def test_thread_counts_agree() -> None:
 @pytest.mark.usefixtures("built")
 def test_errors_are_clear() -> None:
     x = torch.randn(4, 3, 2, 2)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        cpp.bn_stats(x.half())
-    with pytest.raises(RuntimeError, match="mean must have shape"):
+    with pytest.raises(RuntimeError, match="float32, float64, bfloat16 or float16"):
+        cpp.bn_stats(x.to(torch.int32))
+    with pytest.raises(RuntimeError, match="does not split into 3 ghost batches"):
+        cpp.train(x, ghosts=3)
+    with pytest.raises(RuntimeError, match="mean must have 3 values"):
         cpp.bn_normalize(x, torch.zeros(4), torch.ones(3), torch.zeros(3))
     with pytest.raises(RuntimeError, match="at least 2 dims"):
         cpp.bn_stats(torch.randn(5))
@@ -240,10 +242,10 @@ def test_available_after_build() -> None:
 def test_bench_kernels_cpp_reports_cpp_path(capsys: pytest.CaptureFixture[str]) -> None:
     from bnkit.cli import main
 
-    assert main(["bench", "--kernels", "cpp", "--quick", "--json", "--shapes", "4x3x5x5,8x3"]) == 0
+    assert main(["bench", "--kernels", "ops", "--quick", "--json", "--shapes", "4x3x5x5,8x3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["meta"]["kernel_path"] == "cpp"
-    assert "--kernels cpp" in report["meta"]["command"]
+    assert "--kernels ops" in report["meta"]["command"]
     rows = {(tuple(r["shape"]), r["layout"], r["mode"]) for r in report["results"]}
     assert rows == {
         ((4, 3, 5, 5), layout, mode)
@@ -461,7 +463,7 @@ def test_train_compiles_fullgraph_with_backward(backend: str) -> None:
     dy = torch.randn(4, 3, 5, 5)
 
     def step(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        y, _, _ = torch.ops.bnkit.bn_train(t, weight, bias, EPS)
+        y = torch.ops.bnkit.bn_train(t, weight, bias, EPS)[0]
         return (y * dy).sum()
 
     def grads(fn) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]

@@ -25,6 +25,9 @@ forward+backward beyond what was allocated before it (output, saved tensors, gra
 temporaries), read from the allocation events of ``torch.profiler`` with ``profile_memory``.
 Each row also records the share of the machine's CPU time that other processes took while it
 ran (:class:`CpuMonitor`): on a shared machine that is what makes timings unreliable.
+
+With ``compare_tf`` (``--compare-tf``) each row also times tf_keras' BatchNormalization on the
+same values (:mod:`bnkit.bench_tf`), in its own loop right after the other contenders.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ __all__ = [
     "CpuMonitor",
     "KernelResult",
     "add_arguments",
+    "cpp_speedup",
     "format_kernel_table",
     "format_table",
     "machine_info",
@@ -90,6 +94,15 @@ QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((16, 8, 6, 6), (32, 16))
 #: Largest allowed bnkit/torch ratio: the default configuration must stay within 10% of
 #: PyTorch's kernel; renorm, sample weights and ghost batches within 2x of plain batch norm.
 TARGETS = {"default": 1.10, "renorm": 2.0, "weights": 2.0, "ghost": 2.0, "ghost_strided": 2.0}
+#: ``--kernels cpp`` (issue 7): every row at most this many times the copy, and never slower
+#: than ``F.batch_norm`` (bnkit/torch <= 1), with peak memory no higher than torch's.
+CPP_COPY_TARGETS = {"fwd": 2.0, "fwd+bwd": 4.0, "eval": 1.3}
+#: ``--kernels cpp``: the geometric mean of torch/bnkit over the NCHW fwd+bwd rows of the
+#: default configuration must reach this.
+CPP_SPEEDUP_TARGET = 3.0
+#: ``--kernels``: torch = the default policy; cpp = the C++ kernels (policy kernels="cpp");
+#: ops = the C++ operators alone (``run_kernel_benchmark``).
+KERNEL_CHOICES = ("torch", "cpp", "ops")
 
 _EPS = 1e-5
 _MOMENTUM = 0.1
@@ -129,6 +142,12 @@ class BenchResult:
     #: ``torch.nn.BatchNorm*d`` (the module, with its own call overhead and counter update)
     #: over ``torch.nn.functional.batch_norm``; default configuration only.
     torch_module_vs_torch: float | None = None
+    #: ``--compare-tf``: tf_keras' BatchNormalization on the same values (``bnkit.bench_tf``),
+    #: median ms, and ``bnkit_ms / tf_ms``; None when TensorFlow was not compared.
+    tf_ms: float | None = None
+    vs_tf: float | None = None
+    #: ``--kernels cpp``: the largest allowed bnkit/copy ratio (None otherwise).
+    copy_target: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
@@ -208,11 +227,14 @@ def ghost_batch_size(n: int) -> int:
     raise ValueError(f"batch size {n} cannot be split into ghost batches of 2 or more")
 
 
-def path_of(config: str, mode: str) -> str:
+def path_of(config: str, mode: str, kernels: str = "torch") -> str:
     """Which family of code bnkit's functional core runs for a row (see
     ``docs/architecture.md``): PyTorch's training kernel with its own running update for the
     default configuration and always in inference; the statistics-then-normalize kernel path
-    (``bnkit.kernels``) for the options; its weighted statistics for sample weights."""
+    (``bnkit.kernels``) for the options; its weighted statistics for sample weights. Under
+    ``kernels="cpp"`` the C++ kernels run everything but sample weights."""
+    if kernels == "cpp" and config != "weights":
+        return "cpp"
     if mode == "eval" or config == "default":
         return "native kernel"
     if config == "weights":
@@ -311,6 +333,35 @@ class _Case:
     torch: Callable[[], None]
     copy: Callable[[], None]
     torch_module: Callable[[], None] | None = None
+    tf: Callable[[], None] | None = None
+
+
+def _tf_step(
+    x: Tensor,
+    layout: str,
+    mode: str,
+    weight: Tensor,
+    bias: Tensor,
+    grad_out: Tensor | None,
+    options: dict[str, Any],
+    sample_weights: Tensor | None,
+) -> Callable[[], None]:
+    """``--compare-tf``: tf_keras' BatchNormalization on the row's values (``bnkit.bench_tf``)."""
+    from bnkit import bench_tf
+
+    return bench_tf.keras_step(
+        x,
+        layout=layout,
+        mode=mode,
+        weight=weight,
+        bias=bias,
+        grad_out=grad_out,
+        renorm=bool(options.get("renorm", False)),
+        virtual_batch_size=options.get("virtual_batch_size"),
+        sample_weights=sample_weights,
+        momentum=_MOMENTUM,
+        eps=_EPS,
+    )
 
 
 def _make_input(shape: tuple[int, ...], layout: str, gen: torch.Generator) -> Tensor:
@@ -320,7 +371,15 @@ def _make_input(shape: tuple[int, ...], layout: str, gen: torch.Generator) -> Te
     return x
 
 
-def _build_case(shape: tuple[int, ...], layout: str, config: str, mode: str, seed: int) -> _Case:
+def _build_case(
+    shape: tuple[int, ...],
+    layout: str,
+    config: str,
+    mode: str,
+    seed: int,
+    compare_tf: bool = False,
+    kernels: str = "torch",
+) -> _Case:
     gen = torch.Generator().manual_seed(seed)
     n, c = shape[0], shape[1]
     x = _make_input(shape, layout, gen)
@@ -331,7 +390,7 @@ def _build_case(shape: tuple[int, ...], layout: str, config: str, mode: str, see
         options["virtual_batch_size"] = ghost_batch_size(n)
         options["ghost_layout"] = "strided" if config == "ghost_strided" else "contiguous"
     # The fwd mode times a training forward without autograd on purpose.
-    quiet = {"no_grad_training": "ignore"}
+    quiet = {"no_grad_training": "ignore", "kernels": kernels}
     module = BatchNorm(c, axis=1, eps=_EPS, momentum=_MOMENTUM, policy=quiet, **options)
     with torch.no_grad():
         module.weight.uniform_(0.5, 1.5, generator=gen)  # type: ignore[union-attr]
@@ -386,7 +445,10 @@ def _build_case(shape: tuple[int, ...], layout: str, config: str, mode: str, see
             def module_step() -> None:
                 torch.autograd.grad(torch_module(xg), m_inputs, grad_out)
 
-        return _Case(bnkit_step, torch_step, copy, module_step)
+        tf_step = None
+        if compare_tf:
+            tf_step = _tf_step(x, layout, mode, t_weight, t_bias, grad_out, options, sample_weights)
+        return _Case(bnkit_step, torch_step, copy, module_step, tf_step)
 
     def bnkit_fwd() -> None:
         with torch.no_grad():
@@ -404,7 +466,10 @@ def _build_case(shape: tuple[int, ...], layout: str, config: str, mode: str, see
             with torch.no_grad():
                 reference_module(x)
 
-    return _Case(bnkit_fwd, torch_fwd, copy, module_fwd)
+    tf_fwd = None
+    if compare_tf:
+        tf_fwd = _tf_step(x, layout, mode, t_weight, t_bias, None, options, sample_weights)
+    return _Case(bnkit_fwd, torch_fwd, copy, module_fwd, tf_fwd)
 
 
 # ---------------------------------------------------------------------------- timing
@@ -565,6 +630,8 @@ def run_benchmark(
     memory: bool = True,
     seed: int = 0,
     progress: Callable[[int, int, BenchResult], None] | None = None,
+    compare_tf: bool = False,
+    kernels: str = "torch",
 ) -> BenchReport:
     """Time bnkit against ``torch.nn.functional.batch_norm`` and a copy, row by row.
 
@@ -580,6 +647,14 @@ def run_benchmark(
         memory: measure peak allocator memory of ``fwd+bwd`` rows (two profiled calls).
         seed: seed of the random inputs.
         progress: called after each row with (index, total, result).
+        compare_tf: also time tf_keras' BatchNormalization on the same values
+            (``bnkit.bench_tf``; fills ``tf_ms`` and ``vs_tf``), in its own loop right after
+            the row's other contenders; TensorFlow's version and threads go into ``meta``.
+        kernels: ``"torch"`` (the default policy) or ``"cpp"``: bnkit's rows run under the
+            policy ``kernels="cpp"`` (building the C++ kernels first) and are judged by the
+            issue-7 targets (:data:`CPP_COPY_TARGETS`, never slower than torch, memory no
+            higher); ``meta["kernels"]`` says what ran (``"torch (fallback)"`` with the
+            build error in ``meta["kernel_build_error"]`` when they cannot be built).
 
     The load average is recorded before (``meta["load_average"]``) and after
     (``meta["load_average_end"]``) the run.
@@ -589,6 +664,7 @@ def run_benchmark(
 
     Raises:
         ValueError: unknown configuration, mode or layout name.
+        bnkit.bench_tf.TensorFlowNotInstalledError: ``compare_tf`` without TensorFlow/tf_keras.
     """
     configs = _parse_names(configs, CONFIGS, "configuration")
     modes = _parse_names(modes, MODES, "mode")
@@ -600,20 +676,37 @@ def run_benchmark(
     for shape in shapes:
         if {"ghost", "ghost_strided"} & set(configs):
             ghost_batch_size(shape[0])
+    if kernels not in ("torch", "cpp"):
+        raise ValueError(f"kernels must be 'torch' or 'cpp', got {kernels!r}")
     meta = machine_info()
     meta.update(
         quick=quick,
         warmup=warmup,
         repeats=repeats if repeats is not None else "auto",
         targets=dict(TARGETS),
+        kernels=kernels,
     )
+    if kernels == "cpp":
+        from bnkit.kernels import cpp
+
+        if cpp.available():
+            meta.update(
+                cpp_copy_targets=dict(CPP_COPY_TARGETS), cpp_speedup_target=CPP_SPEEDUP_TARGET
+            )
+        else:
+            kernels = "torch"
+            meta.update(kernels="torch (fallback)", kernel_build_error=cpp.build_error())
+    if compare_tf:
+        from bnkit import bench_tf
+
+        meta.update(bench_tf.tf_info())
     report = BenchReport(meta=meta)
     plan = _plan(shapes, layouts, configs, modes)
     whole_run, row_monitor = CpuMonitor(), CpuMonitor()
     whole_run.start()
     for index, (shape, layout, config, mode) in enumerate(plan):
         row_monitor.start()
-        case = _build_case(shape, layout, config, mode, seed)
+        case = _build_case(shape, layout, config, mode, seed, compare_tf, kernels)
         fns = [case.bnkit, case.torch, case.copy]
         if case.torch_module is not None:
             fns.append(case.torch_module)
@@ -622,18 +715,32 @@ def run_benchmark(
         )
         b, t, c = times[:3]
         module_ratio = times[3] / t if len(times) > 3 else None
+        tf_s = None
+        if case.tf is not None:
+            # Its own loop: TensorFlow's and PyTorch's thread pools slow each other down when
+            # their calls alternate (docs/benchmarks.md, "Against TensorFlow").
+            tf_times, _, _ = time_interleaved(
+                [case.tf], repeats=reps, warmup=warmup, batch_calls=not quick
+            )
+            tf_s = tf_times[0]
         peak_b = peak_t = None
         if memory and mode == "fwd+bwd":
             pb, pt = peak_allocated_bytes(case.bnkit), peak_allocated_bytes(case.torch)
             peak_b = None if pb is None else pb / 2**20
             peak_t = None if pt is None else pt / 2**20
-        target = TARGETS[config]
+        target = TARGETS[config] if kernels == "torch" else 1.0
+        copy_target = CPP_COPY_TARGETS[mode] if kernels == "cpp" else None
+        meets = b / t <= target
+        if copy_target is not None:
+            meets = meets and b / c <= copy_target
+            if peak_b is not None and peak_t is not None:
+                meets = meets and peak_b <= peak_t
         result = BenchResult(
             shape=tuple(shape),
             layout=layout,
             config=config,
             mode=mode,
-            path=path_of(config, mode),
+            path=path_of(config, mode, kernels),
             repeats=reps,
             inner=(inner[0], inner[1], inner[2]),
             bnkit_ms=b * 1e3,
@@ -643,11 +750,14 @@ def run_benchmark(
             bnkit_vs_copy=b / c,
             torch_vs_copy=t / c,
             target=target,
-            meets_target=b / t <= target,
+            meets_target=meets,
             peak_bnkit_mib=peak_b,
             peak_torch_mib=peak_t,
             other_cpu=row_monitor.stop(),
             torch_module_vs_torch=module_ratio,
+            tf_ms=None if tf_s is None else tf_s * 1e3,
+            vs_tf=None if tf_s is None else b / tf_s,
+            copy_target=copy_target,
         )
         report.results.append(result)
         if progress is not None:
@@ -673,9 +783,9 @@ def _mib(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def format_row(r: BenchResult) -> list[str]:
-    """The table cells of one result."""
-    return [
+def format_row(r: BenchResult, *, tf: bool = False) -> list[str]:
+    """The table cells of one result (with ``tf``, also the ``--compare-tf`` columns)."""
+    cells = [
         _shape_str(r.shape),
         "NHWC" if r.layout == "channels_last" else "NCHW" if len(r.shape) == 4 else "NC",
         r.config,
@@ -688,11 +798,35 @@ def format_row(r: BenchResult) -> list[str]:
         "-" if r.torch_module_vs_torch is None else f"{r.torch_module_vs_torch:.2f}",
         f"{r.bnkit_vs_copy:.1f}",
         f"{r.torch_vs_copy:.1f}",
-        f"<={r.target:.2f}",
+        f"<={r.target:.2f}"
+        if r.copy_target is None
+        else f"<={r.target:g}, copy<={r.copy_target:g}",
         "pass" if r.meets_target else "FAIL",
         f"{_mib(r.peak_bnkit_mib)}/{_mib(r.peak_torch_mib)}",
         "-" if r.other_cpu is None else f"{100 * r.other_cpu:.0f}%",
     ]
+    if tf:
+        cells += _tf_cells(r.tf_ms, r.vs_tf)
+    return cells
+
+
+def _tf_cells(tf_ms: float | None, vs_tf: float | None) -> list[str]:
+    return [
+        "-" if tf_ms is None else f"{tf_ms:.3f}",
+        "-" if vs_tf is None else f"{vs_tf:.2f}",
+    ]
+
+
+def _tf_line(meta: dict[str, Any]) -> str:
+    """The header line that says which TensorFlow ran, when ``--compare-tf`` was given."""
+    onednn = meta.get("tf_onednn")
+    onednn = "unknown" if onednn is None else "on" if onednn else "off"
+    return (
+        f"tf ms: tf_keras {meta['tf_keras_version']} BatchNormalization on TensorFlow "
+        f"{meta['tf_version']} (oneDNN {onednn}; {meta['tf_intra_op_threads']} intra-op / "
+        f"{meta['tf_inter_op_threads']} inter-op threads, 0 = TF's default), timed in its own "
+        "loop after each row"
+    )
 
 
 _HEADER = [
@@ -714,6 +848,7 @@ _HEADER = [
     "others' CPU",
 ]
 _RIGHT = {5, 6, 7, 8, 9, 10, 11, 14, 15}
+_TF_HEADER = ["tf ms", "bnkit/tf"]
 #: Above this share of the machine taken by other processes, the table warns.
 NOISY_OTHER_CPU = 0.05
 
@@ -721,12 +856,15 @@ NOISY_OTHER_CPU = 0.05
 def format_table(report: BenchReport, *, markdown: bool = False) -> str:
     """The results as an aligned text table (or a Markdown table), with a header of the
     machine facts and a summary of targets met."""
-    rows = [format_row(r) for r in report.results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(_HEADER)]
+    tf = "tf_version" in report.meta
+    header = _HEADER + _TF_HEADER if tf else _HEADER
+    right = _RIGHT | {len(_HEADER), len(_HEADER) + 1} if tf else _RIGHT
+    rows = [format_row(r, tf=tf) for r in report.results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
         padded = [
-            c.rjust(w) if i in _RIGHT else c.ljust(w)
+            c.rjust(w) if i in right else c.ljust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ]
         return "| " + " | ".join(padded) + " |" if markdown else "  ".join(padded)
@@ -738,14 +876,15 @@ def format_table(report: BenchReport, *, markdown: bool = False) -> str:
         f"{m['dtype']}, repeats {m['repeats']}, warmup {m['warmup']}",
         f"load average before/after: {m.get('load_average')} / {m.get('load_average_end')}; "
         f"other processes took {_percent(m.get('other_cpu'))} of the CPUs during the run",
+        *([_tf_line(m)] if tf else []),
         "",
-        line(_HEADER),
+        line(header),
     ]
     if markdown:
         out.append(
             "|"
             + "|".join(
-                ("-" * (w + 1) + ":") if i in _RIGHT else ("-" * (w + 2))
+                ("-" * (w + 1) + ":") if i in right else ("-" * (w + 2))
                 for i, w in enumerate(widths)
             )
             + "|"
@@ -764,11 +903,49 @@ def format_table(report: BenchReport, *, markdown: bool = False) -> str:
         )
     out.append(f"targets met: {len(report.results) - len(failed)}/{len(report.results)} rows")
     for r in failed:
+        out.append(f"  missed: {_shape_str(r.shape)} {r.layout} {r.config} {r.mode}: {_miss(r)}")
+    speedup = cpp_speedup(report)
+    if speedup is not None:
+        verdict = "pass" if speedup >= CPP_SPEEDUP_TARGET else "FAIL"
         out.append(
-            f"  missed: {_shape_str(r.shape)} {r.layout} {r.config} {r.mode}: "
-            f"bnkit/torch {r.bnkit_vs_torch:.2f} > {r.target:.2f}"
+            f"speed-up over F.batch_norm, fwd+bwd, NCHW, default configuration (geometric "
+            f"mean): {speedup:.2f}x (target >= {CPP_SPEEDUP_TARGET:g}x): {verdict}"
         )
     return "\n".join(out)
+
+
+def _miss(r: BenchResult) -> str:
+    why = []
+    if r.bnkit_vs_torch > r.target:
+        why.append(f"bnkit/torch {r.bnkit_vs_torch:.2f} > {r.target:.2f}")
+    if r.copy_target is not None and r.bnkit_vs_copy > r.copy_target:
+        why.append(f"bnkit/copy {r.bnkit_vs_copy:.2f} > {r.copy_target:g}")
+    if (
+        r.copy_target is not None
+        and r.peak_bnkit_mib is not None
+        and r.peak_torch_mib is not None
+        and r.peak_bnkit_mib > r.peak_torch_mib
+    ):
+        why.append(f"peak memory {r.peak_bnkit_mib:.1f} > {r.peak_torch_mib:.1f} MiB")
+    return "; ".join(why)
+
+
+def cpp_speedup(report: BenchReport) -> float | None:
+    """``--kernels cpp``: geometric mean of torch_ms / bnkit_ms over the NCHW (4-D,
+    contiguous) fwd+bwd rows of the default configuration; None without such rows."""
+    if report.meta.get("kernels") != "cpp":
+        return None
+    rows = [
+        r
+        for r in report.results
+        if r.mode == "fwd+bwd"
+        and r.config == "default"
+        and r.layout == "contiguous"
+        and len(r.shape) == 4
+    ]
+    if not rows:
+        return None
+    return math.exp(sum(math.log(r.torch_ms / r.bnkit_ms) for r in rows) / len(rows))
 
 
 # ------------------------------------------------------------------- C++ kernels (opt-in)
@@ -779,7 +956,7 @@ KERNEL_MODES = ("fwd", "fwd+bwd", "eval")
 
 @dataclass(frozen=True)
 class KernelResult:
-    """One row of ``bnkit bench --kernels cpp``: a C++ kernel pass against PyTorch and a copy.
+    """One row of ``bnkit bench --kernels ops``: a C++ kernel pass against PyTorch and a copy.
 
     ``fwd`` is the training forward's work without running statistics: ``bnkit::bn_stats``,
     the per-channel fold ``scale = γ/sqrt(σ² + eps)``, then ``bnkit::bn_normalize``; ``torch``
@@ -802,6 +979,10 @@ class KernelResult:
     kernel_vs_torch: float
     kernel_vs_copy: float
     torch_vs_copy: float
+    #: ``--compare-tf``: tf_keras' BatchNormalization (fused on 4-D) on the same values, median
+    #: ms, and ``kernel_ms / tf_ms``; None when TensorFlow was not compared.
+    tf_ms: float | None = None
+    vs_tf: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -811,8 +992,15 @@ class KernelResult:
 
 
 def _kernel_case(
-    shape: tuple[int, ...], layout: str, mode: str, seed: int, use_cpp: bool
+    shape: tuple[int, ...],
+    layout: str,
+    mode: str,
+    seed: int,
+    use_cpp: bool,
+    tf_steps: list[Callable[[], None]] | None = None,
 ) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+    """The kernel, torch and copy callables of a row; with ``tf_steps`` (``--compare-tf``),
+    also appends tf_keras' step on the same values to that list."""
     from bnkit.kernels import cpp
 
     gen = torch.Generator().manual_seed(seed)
@@ -829,6 +1017,8 @@ def _kernel_case(
 
     if mode == "fwd+bwd":
         grad_y = _make_input(shape, layout, gen)
+        if tf_steps is not None:
+            tf_steps.append(_tf_step(x, layout, mode, weight, bias, grad_y, {}, None))
         leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
 
         def step(use_kernel: bool) -> None:
@@ -847,6 +1037,8 @@ def _kernel_case(
     def run_torch() -> None:
         F.batch_norm(x, running_mean, running_var, weight, bias, training, _MOMENTUM, _EPS)
 
+    if tf_steps is not None:
+        tf_steps.append(_tf_step(x, layout, mode, weight, bias, None, {}, None))
     if not use_cpp:
         return run_torch, run_torch, copy
 
@@ -869,12 +1061,15 @@ def run_kernel_benchmark(
     warmup: int = 2,
     seed: int = 0,
     progress: Callable[[int, int, KernelResult], None] | None = None,
+    compare_tf: bool = False,
 ) -> tuple[dict[str, Any], list[KernelResult]]:
     """Time the C++ kernels (``bnkit.kernels.cpp``) against ``F.batch_norm`` and a copy.
 
     Builds the extension first if needed; if it cannot be built (one
     :class:`bnkit.kernels.cpp.CppKernelWarning`), every row times PyTorch's kernel in the
     kernel column and says so in ``path``. Modes outside :data:`KERNEL_MODES` are skipped.
+    ``compare_tf`` also times tf_keras' BatchNormalization on the same values in its own loop
+    after each row (``tf_ms``, ``vs_tf``; see :func:`run_benchmark`).
 
     Returns:
         ``(meta, rows)``: the machine facts (with ``kernel_path`` and, on fallback,
@@ -882,12 +1077,18 @@ def run_kernel_benchmark(
     """
     from bnkit.kernels import cpp
 
+    tf_meta: dict[str, Any] = {}
+    if compare_tf:  # before the extension's build: fail fast without TensorFlow
+        from bnkit import bench_tf
+
+        tf_meta = bench_tf.tf_info()
     use_cpp = cpp.available()
     meta = machine_info()
     meta.update(repeats=repeats if repeats is not None else "auto", warmup=warmup)
     meta["kernel_path"] = "cpp" if use_cpp else "torch (fallback)"
     if not use_cpp:
         meta["kernel_build_error"] = cpp.build_error()
+    meta.update(tf_meta)
     plan = [
         (shape, layout, mode)
         for shape in shapes
@@ -898,9 +1099,13 @@ def run_kernel_benchmark(
     ]
     results: list[KernelResult] = []
     for index, (shape, layout, mode) in enumerate(plan):
-        fns = _kernel_case(shape, layout, mode, seed, use_cpp)
+        tf_steps: list[Callable[[], None]] | None = [] if compare_tf else None
+        fns = _kernel_case(shape, layout, mode, seed, use_cpp, tf_steps)
         with torch.no_grad():
             (k, t, c), reps, _ = time_interleaved(fns, repeats=repeats, warmup=warmup)
+            tf_s = None
+            if tf_steps:  # its own loop, as in run_benchmark
+                tf_s = time_interleaved(tf_steps, repeats=reps, warmup=warmup)[0][0]
         row = KernelResult(
             shape=tuple(shape),
             layout=layout,
@@ -913,6 +1118,8 @@ def run_kernel_benchmark(
             kernel_vs_torch=k / t,
             kernel_vs_copy=k / c,
             torch_vs_copy=t / c,
+            tf_ms=None if tf_s is None else 1e3 * tf_s,
+            vs_tf=None if tf_s is None else k / tf_s,
         )
         results.append(row)
         if progress is not None:
@@ -937,7 +1144,9 @@ _KERNEL_HEADER = [
 def format_kernel_table(
     meta: dict[str, Any], rows: Sequence[KernelResult], *, markdown: bool = False
 ) -> str:
-    """The ``--kernels cpp`` rows as an aligned text (or Markdown) table with the machine facts."""
+    """The ``--kernels ops`` rows as an aligned text (or Markdown) table with the machine facts."""
+    tf = "tf_version" in meta
+    header = [*_KERNEL_HEADER, "tf ms", "kernel/tf"] if tf else _KERNEL_HEADER
     cells = [
         [
             _shape_str(r.shape),
@@ -950,10 +1159,11 @@ def format_kernel_table(
             f"{r.kernel_vs_torch:.2f}",
             f"{r.kernel_vs_copy:.1f}",
             f"{r.torch_vs_copy:.1f}",
+            *(_tf_cells(r.tf_ms, r.vs_tf) if tf else []),
         ]
         for r in rows
     ]
-    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(_KERNEL_HEADER)]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(header)]
 
     def line(items: Sequence[str]) -> str:
         padded = [
@@ -969,7 +1179,9 @@ def format_kernel_table(
     ]
     if meta.get("kernel_build_error"):
         out.append(f"C++ build failed: {meta['kernel_build_error']}")
-    out += ["", line(_KERNEL_HEADER)]
+    if tf:
+        out.append(_tf_line(meta))
+    out += ["", line(header)]
     if markdown:
         out.append(
             "|"
@@ -1019,11 +1231,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kernels",
-        choices=("module", "cpp"),
-        default="module",
-        help="module (default): time bnkit.BatchNorm configurations; cpp: time the opt-in C++ "
-        "kernels (fwd = statistics + normalize, eval) against F.batch_norm and a copy, built "
-        "on first use",
+        choices=KERNEL_CHOICES,
+        default="torch",
+        help="torch (default): bnkit.BatchNorm under the default kernels policy; cpp: the same "
+        "rows under the policy kernels='cpp' (bnkit's C++ kernels, built on first use), judged "
+        "by the fast-kernel targets; ops: the C++ operators alone against F.batch_norm",
+    )
+    parser.add_argument(
+        "--compare-tf",
+        action="store_true",
+        help="also time tf_keras' BatchNormalization (fused on 4-D) on the same values: "
+        "columns 'tf ms' and 'bnkit/tf' (or 'kernel/tf'); needs the tf extra",
     )
 
 
@@ -1046,14 +1264,23 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bnkit bench: error: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "compare_tf", False):
+        from bnkit import bench_tf
 
-    if getattr(args, "kernels", "module") == "cpp":
+        try:
+            bench_tf.load()
+        except bench_tf.TensorFlowNotInstalledError as exc:
+            print(f"bnkit bench: error: {exc}", file=sys.stderr)
+            return 2
+
+    if getattr(args, "kernels", "torch") == "ops":
         return _run_kernel_cli(args, shapes, modes, layouts)
 
     def progress(i: int, n: int, r: BenchResult) -> None:
         print(
             f"[{i}/{n}] {_shape_str(r.shape)} {r.layout} {r.config} {r.mode}: "
-            f"bnkit {r.bnkit_ms:.3f} ms, torch {r.torch_ms:.3f} ms, copy {r.copy_ms:.3f} ms",
+            f"bnkit {r.bnkit_ms:.3f} ms, torch {r.torch_ms:.3f} ms, copy {r.copy_ms:.3f} ms"
+            + ("" if r.tf_ms is None else f", tf {r.tf_ms:.3f} ms"),
             file=sys.stderr,
             flush=True,
         )
@@ -1068,6 +1295,8 @@ def run_cli(args: argparse.Namespace) -> int:
         quick=args.quick,
         memory=args.memory,
         progress=None if args.json else progress,
+        compare_tf=getattr(args, "compare_tf", False),
+        kernels=getattr(args, "kernels", "torch"),
     )
     report.meta["command"] = " ".join(["bnkit bench", *_argv_of(args)])
     if args.json:
@@ -1086,7 +1315,8 @@ def _run_kernel_cli(
     def progress(i: int, n: int, r: KernelResult) -> None:
         print(
             f"[{i}/{n}] {_shape_str(r.shape)} {r.layout} {r.mode} ({r.path}): "
-            f"kernel {r.kernel_ms:.3f} ms, torch {r.torch_ms:.3f} ms, copy {r.copy_ms:.3f} ms",
+            f"kernel {r.kernel_ms:.3f} ms, torch {r.torch_ms:.3f} ms, copy {r.copy_ms:.3f} ms"
+            + ("" if r.tf_ms is None else f", tf {r.tf_ms:.3f} ms"),
             file=sys.stderr,
             flush=True,
         )
@@ -1098,6 +1328,7 @@ def _run_kernel_cli(
         repeats=args.repeats if not args.quick else (args.repeats or 3),
         warmup=args.warmup if not args.quick else 1,
         progress=None if args.json else progress,
+        compare_tf=getattr(args, "compare_tf", False),
     )
     meta["command"] = " ".join(["bnkit bench", *_argv_of(args)])
     if args.json:
@@ -1128,6 +1359,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         argv.append(f"--warmup {args.warmup}")
     if not args.memory:
         argv.append("--no-memory")
-    if getattr(args, "kernels", "module") != "module":
+    if getattr(args, "kernels", "torch") != "torch":
         argv.append(f"--kernels {args.kernels}")
+    if getattr(args, "compare_tf", False):
+        argv.append("--compare-tf")
     return argv

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(handler=demo_cli.run)
 
     bench_parser = commands.add_parser(
-        "bench", help="time bnkit against PyTorch's kernel and a plain copy"
+        "bench",
+        help="time bnkit against PyTorch's kernel and a plain copy (and TensorFlow's with "
+        "--compare-tf)",
     )
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(handler=bench.run_cli)

@@ -22,6 +22,11 @@ Dispatch in training (details in ``docs/architecture.md``):
    with everything folded into the affine, and a backward through the statistics;
 3. anything else, or ``impl="reference"``: the composite of PyTorch ops, the oracle that every
    fast path is tested against.
+
+With ``impl="cpp"`` (or the policy ``kernels="cpp"``, which turns ``"auto"`` into ``"cpp"``),
+CPU inputs go to bnkit's C++ kernels (``bnkit.kernels.cpp``) wherever they serve the call:
+training without sample weights, adjustment or synchronization (plain, renorm, ghost batches,
+ReLU fused), and inference when no gradient is needed. Everything else takes the paths above.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnkit import distributed, running
-from bnkit.kernels import native, weighted
+from bnkit.kernels import cpp, native, weighted
+from bnkit.policies import get_policy
 from bnkit.running import BatchStats
 
 __all__ = [
@@ -51,7 +57,7 @@ __all__ = [
 Activation = str | Callable[[Tensor], Tensor] | None
 Adjustment = Callable[[torch.Size], tuple[Tensor | float, Tensor | float]]
 GhostLayout = Literal["contiguous", "strided"]
-Impl = Literal["auto", "reference"]
+Impl = Literal["auto", "reference", "cpp", "torch"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -964,7 +970,10 @@ def batch_norm(
             1-D tensors of length C are per channel, others broadcast against ``x``.
         activation: None, "relu", "leaky_relu", "elu", "silu", "gelu" or a callable.
         return_stats: also return the batch statistics (None in inference).
-        impl: "auto" (fast paths where exact) or "reference" (composite oracle).
+        impl: "auto" (fast paths where exact; the C++ kernels under the policy
+            ``kernels="cpp"``), "cpp" (bnkit's C++ kernels where they serve the call, see
+            ``bnkit.kernels.cpp``), "torch" ("auto" whatever the policy says) or "reference"
+            (composite oracle).
         allow_single_value: accept one value per channel in training instead of raising;
             its variance is 0, so ``x̂`` is 0 (the layer policy ``single_value="skip-update"``).
         sync: in training, with an initialized process group of more than one rank,
@@ -990,6 +999,12 @@ def batch_norm(
     tensor([[-1., -1.],
             [ 1.,  1.]])
     """
+    if impl == "auto" and get_policy("kernels") == "cpp":
+        impl = "cpp"
+    elif impl == "torch":
+        impl = "auto"
+    if impl == "cpp" and not _cpp_ready(x):
+        impl = "auto"
     if (
         axis == 1
         and impl == "auto"
@@ -1035,6 +1050,9 @@ def batch_norm(
                 "running_mean/running_var were not given. Fix: pass them, or pass "
                 "training=True to normalize with the batch's own statistics."
             )
+        if impl == "cpp" and not _needs_grad(x, weight, bias):
+            y = _cpp_inference_step(x, a, running_mean, running_var, weight, bias, eps, activation)
+            return (y, stats) if return_stats else y
         y = _inference_step(x, a, running_mean, running_var, weight, bias, eps)
     elif sync and distributed.is_active(process_group):
         # Before the empty-batch shortcut: an empty rank still takes part in the collectives.
@@ -1071,6 +1089,28 @@ def batch_norm(
         kernels_ok = not (allow_single_value and _one_value_per_channel(x, a, virtual_batch_size))
         if not allow_single_value:
             _check_values_per_channel(x, a, virtual_batch_size)
+        if impl == "cpp" and kernels_ok and weights is None and adjustment is None:
+            y, stats = _cpp_training_step(
+                x,
+                a,
+                weight=weight,
+                bias=bias,
+                running_mean=running_mean,
+                running_var=running_var,
+                momentum=momentum,
+                eps=eps,
+                virtual_batch_size=virtual_batch_size,
+                ghost_layout=ghost_layout,
+                renorm_mean=renorm_mean,
+                renorm_stddev=renorm_stddev,
+                renorm_clipping=renorm_clipping,
+                relu=activation == "relu",
+            )
+            if activation != "relu" and act is not None:
+                y = act(y)
+            return (y, stats) if return_stats else y
+        if impl == "cpp":
+            impl = "auto"
         y, stats = _training_step(
             x,
             a,
@@ -1095,6 +1135,97 @@ def batch_norm(
     if act is not None:
         y = act(y)
     return (y, stats) if return_stats else y
+
+
+def _cpp_ready(x: Tensor) -> bool:
+    """Whether the C++ kernels can take ``x`` (building them on the first eager call)."""
+    if x.device.type != "cpu" or x.dtype not in _CPP_DTYPES:
+        return False
+    if torch.compiler.is_compiling():
+        return cpp.ready()  # built by an eager call or cpp.load() before compiling
+    return cpp.available()
+
+
+_CPP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _param(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _cpp_training_step(
+    x: Tensor,
+    axis: int,
+    *,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    virtual_batch_size: int | None,
+    ghost_layout: str,
+    renorm_mean: Tensor | None,
+    renorm_stddev: Tensor | None,
+    renorm_clipping: dict[str, float] | None,
+    relu: bool,
+) -> tuple[Tensor, BatchStats]:
+    """One training step on the C++ kernels: statistics, renorm and affine in one operator.
+
+    The kernel reads ``x`` with the channel axis moved to dim 1 (a view: channels-last memory
+    is read as rows of channels, without a copy) and writes ``y`` in the same layout.
+    """
+    xt = x.movedim(axis, 1) if axis != 1 else x
+    cdt = compute_dtype(x.dtype)
+    ghosts = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
+    renorm = renorm_mean is not None and renorm_stddev is not None
+    clip = renorm_clipping or {}
+    bounds = [None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")]
+    out = cpp.train(
+        xt,
+        _param(weight, cdt),
+        _param(bias, cdt),
+        eps,
+        ghosts=ghosts,
+        strided=ghost_layout == "strided",
+        renorm_mean=renorm_mean if renorm else None,
+        renorm_std=renorm_stddev if renorm else None,
+        rmin=bounds[0],
+        rmax=bounds[1],
+        dmax=bounds[2],
+        relu=relu,
+    )
+    mean, var = out.mean.detach().view(ghosts, -1), out.var.detach().view(ghosts, -1)
+    per_ghost = (xt.shape[0] // ghosts) * (xt[0].numel() // max(xt.shape[1], 1))
+    stats = _summarize(mean, var, torch.full_like(var, float(per_ghost)))
+    if momentum is not None and running_mean is not None and running_var is not None:
+        running.assign_moving_average_(running_mean, stats.mean, momentum)
+        running.assign_moving_average_(running_var, stats.var_unbiased, momentum)
+    y = out.y
+    return (y.movedim(1, axis) if axis != 1 else y), stats
+
+
+def _cpp_inference_step(
+    x: Tensor,
+    axis: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: Activation,
+) -> Tensor:
+    """Inference on the C++ kernel: one scale-and-shift pass (ReLU fused), no gradient."""
+    xt = x.movedim(axis, 1) if axis != 1 else x
+    relu = activation == "relu"
+    y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, eps, relu=relu)
+    y = y.movedim(1, axis) if axis != 1 else y
+    act = None if relu else resolve_activation(activation)
+    return y if act is None else act(y)
 
 
 def _match_layout(y: Tensor, x: Tensor) -> Tensor:

@@ -543,6 +543,10 @@ class BatchNorm(nn.Module):
                 single_value = bnf._one_value_per_channel(x, a, self.virtual_batch_size)
             if single_value and get_policy("single_value", self.policy) == "running":
                 training = False
+        # The layer's own kernels policy, if it has one; else functional reads the block's.
+        impl: bnf.Impl = "cpp" if self.policy.get("kernels") == "cpp" else "auto"
+        if self.policy.get("kernels") == "torch":
+            impl = "torch"
         if not training and self.track_running_stats:
             return bnf.batch_norm(
                 x,
@@ -554,6 +558,7 @@ class BatchNorm(nn.Module):
                 eps=self.eps,
                 axis=self.axis,
                 activation=self.activation,
+                impl=impl,
             )
         renorm = self.renorm and training
         skip_update = (
@@ -574,6 +579,7 @@ class BatchNorm(nn.Module):
             "allow_single_value": skip_update,
             "sync": synced,
             "process_group": self._group.group,
+            "impl": impl,
         }
         if skip_update or not (training and self.track_running_stats):
             # Batch statistics with nothing to update (track_running_stats=False, or the

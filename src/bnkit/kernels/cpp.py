@@ -1,36 +1,43 @@
 """bnkit's C++ CPU kernels: built on first use, registered as ``torch.library`` operators.
 
+``bnkit.BatchNorm`` and ``bnkit.functional.batch_norm`` run on them under the policy
+``kernels="cpp"`` (``bnkit.set_policy(kernels="cpp")``, ``with bnkit.policy(kernels="cpp")``,
+a layer's ``policy={"kernels": "cpp"}``, or ``BNKIT_KERNELS=cpp``) or with
+``functional.batch_norm(..., impl="cpp")``; the default policy keeps PyTorch's kernels.
+
 The sources (``kernels/cpu/*.cpp``, shipped as package data) are compiled with
 ``torch.utils.cpp_extension.load`` the first time :func:`available` or :func:`load` is called,
 against the user's own PyTorch (no wheels to ship, no ABI to match), and cached in PyTorch's
 extensions directory, or in ``$BNKIT_EXTENSIONS_DIR`` when set. Flags: ``-O3 -march=native
 -fopenmp`` (the library is built on, and for, the machine that runs it).
 
-Operators (float32/float64, CPU, channels on dim 1; NCHW-contiguous, channels-last and 2-D
-(N, C) input; other strides are made contiguous first):
+Operators (CPU; float32/float64, and bfloat16/float16 input with float32 accumulation and
+float32 statistics; channels on dim 1; NCHW-contiguous, channels-last and 2-D (N, C) input,
+other strides are made contiguous first):
 
-* ``bnkit::bn_stats(x) -> (mean, var)``: per-channel mean μ_c and biased variance
-  σ²_c = Σ (x - μ_c)² / n in one pass over memory. Values are shifted by the channel's first
-  element K_c; runs of at most 2048 values accumulate S1 = Σ (x - K), S2 = Σ (x - K)² in the
-  input precision and the runs are summed in float64; μ = K + S1/n, σ² = S2/n - (S1/n)².
-* ``bnkit::bn_normalize(x, mean, scale, shift) -> y``: ``y = (x - mean_c)·scale_c + shift_c``
-  in one pass (the training normalize with the affine folded in: scale = γ/sqrt(σ² + eps),
-  shift = β). Subtracting the mean first keeps large-mean data exact where ``x·a + b`` would
-  cancel.
-* ``bnkit::bn_eval(x, mean, var, weight, bias, eps) -> y``: the inference pass,
-  ``y = (x - μ_c)·γ_c/sqrt(σ²_c + eps) + β_c``, the fold computed in float64.
-* ``bnkit::bn_backward(grad_out, x, mean, invstd, weight?, grad_mean?, grad_var?)
-  -> (grad_x, grad_weight, grad_bias)``: the training backward (biased batch variance).
-  One pass accumulates Σdy and Σdy·(x - μ) per channel (runs in the input precision, summed
-  in float64), a second writes ``grad_x = γ·invstd·(dy - Σdy/n - x̂·Σdy·x̂/n)``, plus
-  ``grad_mean/n + 2·grad_var·(x - μ)/n`` when gradients of the statistics outputs are given.
-* ``bnkit::bn_train(x, weight?, bias?, eps) -> (y, mean, var)``: the training forward
-  (``bn_stats`` then the normalize pass), with an autograd formula (``bn_backward``)
-  registered by ``torch.library.register_autograd``: differentiable, ``gradcheck`` passes in
-  float64, and ``torch.compile(fullgraph=True)`` traces forward and backward.
+* ``bnkit::bn_train(x, weight?, bias?, eps, ghosts=1, strided=False, renorm_mean?,
+  renorm_std?, rmin?, rmax?, dmax?, relu=False) -> (y, mean, var, r, d)``: the training
+  forward. Statistics per (ghost batch, channel) -- shifted by the first value, runs of at
+  most 2048 values summed in the accumulation type, the runs in float64 -- then
+  ``y = act(γ·(x̂·r + d) + β)`` with batch renormalization's r, d from the ghost-averaged
+  statistics. Differentiable: its autograd formula (C++, ``bn_backward``) covers x, γ, β and
+  the mean/var outputs; r and d are constants. :func:`train` is the Python entry point.
+* ``bnkit::bn_backward(dy, x, mean, invstd, weight?, grad_mean?, grad_var?, ghosts, strided,
+  r?, d?, output?) -> (dx, dweight, dbias)``: Σdy' and Σdy'·(x − μ) per (ghost, channel)
+  (dy' = dy masked by ``output > 0`` for the fused ReLU), then
+  ``dx = γ·r·invstd·(dy' − Σdy'/n − x̂·Σdy'·x̂/n)`` plus the statistics outputs' gradients.
+* ``bnkit::bn_eval(x, mean, var, weight?, bias?, eps, relu=False) -> y``: the inference pass
+  (fold in float64), no gradient.
+* ``bnkit::bn_stats(x) -> (mean, var)`` and ``bnkit::bn_normalize(x, mean, scale, shift)``:
+  the two halves of a training forward, for tests and ``bnkit bench --kernels ops``.
 
-Not yet here (next steps of issue 7): double backward, half precision, fused activations and
-the other options, and dispatch from ``bnkit.functional`` (the default path is untouched).
+Memory passes: on NCHW input whose channels are small enough for a core's cache, one task
+per channel computes the statistics and then normalizes the channel while it is still cached
+(about one read and one write of memory, as a copy); otherwise a statistics pass then a
+normalize pass. Outputs of 1 MiB or more come from a pool of blocks given back by earlier
+outputs (:func:`cached_bytes`, :func:`set_pool_limit`; ``$BNKIT_POOL_MIB``, default 1024):
+fresh memory from the operating system costs a page fault per 4 KiB, several times the
+kernel's own time on large activations.
 
 If no compiler is available or the build fails, :func:`available` warns once
 (:class:`CppKernelWarning`) and returns False; callers fall back to PyTorch's kernels.
@@ -43,13 +50,14 @@ import threading
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "CppKernelWarning",
+    "TrainOutput",
     "available",
     "bn_backward",
     "bn_eval",
@@ -57,7 +65,11 @@ __all__ = [
     "bn_stats",
     "bn_train",
     "build_error",
+    "cached_bytes",
     "load",
+    "ready",
+    "set_pool_limit",
+    "train",
 ]
 
 _NAME = "bnkit_cpu_kernels"
@@ -108,12 +120,23 @@ def _build() -> None:
 def _register_fakes() -> None:
     """Shape-only implementations so torch.compile / FakeTensor can trace the operators."""
 
+    def output_like(x: Tensor) -> Tensor:
+        # The kernels keep x's layout when it is contiguous or has its channels innermost
+        # (channels-last); anything else is copied to contiguous first, and so is the output.
+        if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+            return torch.empty_like(x)
+        return x.new_empty(x.shape)
+
+    def stats_dtype(x: Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
     def stats_fake(x: Tensor) -> tuple[Tensor, Tensor]:
         c = x.shape[1]
-        return x.new_empty((c,)), x.new_empty((c,))
+        dt = stats_dtype(x)
+        return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
 
     def normalize_fake(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        return torch.empty_like(x)
+        return output_like(x)
 
     def eval_fake(
         x: Tensor,
@@ -122,8 +145,9 @@ def _register_fakes() -> None:
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        relu: bool = False,
     ) -> Tensor:
-        return torch.empty_like(x)
+        return output_like(x)
 
     def backward_fake(
         grad_out: Tensor,
@@ -133,15 +157,41 @@ def _register_fakes() -> None:
         weight: Tensor | None,
         grad_mean: Tensor | None = None,
         grad_var: Tensor | None = None,
+        ghosts: int = 1,
+        strided: bool = False,
+        r: Tensor | None = None,
+        d: Tensor | None = None,
+        output: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         c = x.shape[1]
-        return torch.empty_like(x), x.new_empty((c,)), x.new_empty((c,))
+        dt = stats_dtype(x)
+        return output_like(x), x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
 
     def train_fake(
-        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        ghosts: int = 1,
+        strided: bool = False,
+        renorm_mean: Tensor | None = None,
+        renorm_std: Tensor | None = None,
+        rmin: float | None = None,
+        rmax: float | None = None,
+        dmax: float | None = None,
+        relu: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         c = x.shape[1]
-        return torch.empty_like(x), x.new_empty((c,)), x.new_empty((c,))
+        dt = stats_dtype(x)
+        stat_shape = (c,) if ghosts == 1 else (ghosts, c)
+        rd = (c,) if renorm_std is not None else (0,)
+        return (
+            output_like(x),
+            x.new_empty(stat_shape, dtype=dt),
+            x.new_empty(stat_shape, dtype=dt),
+            x.new_empty(rd, dtype=dt),
+            x.new_empty(rd, dtype=dt),
+        )
 
     for name, fn in (
         ("bnkit::bn_stats", stats_fake),
@@ -151,35 +201,8 @@ def _register_fakes() -> None:
         ("bnkit::bn_train", train_fake),
     ):
         torch.library.register_fake(name, fn)
-    torch.library.register_autograd(
-        "bnkit::bn_train", _train_backward, setup_context=_train_setup_context
-    )
-
-
-def _train_setup_context(
-    ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]
-) -> None:
-    x, weight, bias, eps = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, weight, mean, var)
-    ctx.eps = eps
-    ctx.has_bias = bias is not None
-
-
-def _train_backward(
-    ctx: Any, grad_y: Tensor, grad_mean: Tensor | None, grad_var: Tensor | None
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-    x, weight, mean, var = ctx.saved_tensors
-    invstd = torch.rsqrt(var + ctx.eps)
-    grad_x, grad_weight, grad_bias = torch.ops.bnkit.bn_backward(
-        grad_y, x, mean, invstd, weight, grad_mean, grad_var
-    )
-    return (
-        grad_x,
-        grad_weight if weight is not None else None,
-        grad_bias if ctx.has_bias else None,
-        None,
-    )
+    # bnkit::bn_train's autograd formula is registered in C++ (TrainFunction in
+    # bn_kernels.cpp): no Python runs per training step.
 
 
 def load() -> None:
@@ -221,6 +244,12 @@ def available() -> bool:
     return True
 
 
+def ready() -> bool:
+    """True when the operators are registered already (never builds; safe while compiling)."""
+    loaded: bool = _state["loaded"]
+    return loaded
+
+
 def build_error() -> str | None:
     """Why the last build failed (None if it did not fail or was not tried)."""
     error: str | None = _state["error"]
@@ -253,14 +282,18 @@ def bn_eval(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    relu: bool = False,
 ) -> Tensor:
     """Inference batch norm ``y = (x - μ_c)·γ_c/sqrt(σ²_c + eps) + β_c`` in one pass.
+
+    With ``relu`` the ReLU is applied in the same pass.
 
     The per-channel fold ``γ/sqrt(σ² + eps)`` is computed in float64; no gradient.
     """
     if not _state["loaded"]:
         load()
-    y: Tensor = torch.ops.bnkit.bn_eval(x, mean, var, weight, bias, eps)
+    y: Tensor = torch.ops.bnkit.bn_eval(x, mean, var, weight, bias, eps, relu)
     return y
 
 
@@ -291,11 +324,79 @@ def bn_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training batch norm with batch statistics: ``(y, mean, biased var)``, differentiable.
 
-    ``y = (x − μ_c)·γ_c/sqrt(σ²_c + eps) + β_c`` with ``μ, σ²`` from :func:`bn_stats`; the
-    gradient (to ``x``, ``weight``, ``bias``, also through the ``mean``/``var`` outputs) is
-    :func:`bn_backward`. No running statistics are updated here.
+    ``y = (x − μ_c)·γ_c/sqrt(σ²_c + eps) + β_c`` with the batch's ``μ, σ²``; the gradient (to
+    ``x``, ``weight``, ``bias``, also through the ``mean``/``var`` outputs) is
+    :func:`bn_backward`. No running statistics are updated here. :func:`train` has the options.
+    """
+    out = train(x, weight, bias, eps)
+    return out.y, out.mean, out.var
+
+
+class TrainOutput(NamedTuple):
+    """What :func:`train` returns: the output, the batch statistics and renorm's r and d."""
+
+    y: Tensor
+    mean: Tensor  # (C,), or (ghosts, C) with ghost batches
+    var: Tensor  # biased, same shape as mean
+    r: Tensor  # (C,) with renorm, else empty
+    d: Tensor
+
+
+def train(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    ghosts: int = 1,
+    strided: bool = False,
+    renorm_mean: Tensor | None = None,
+    renorm_std: Tensor | None = None,
+    rmin: float | None = None,
+    rmax: float | None = None,
+    dmax: float | None = None,
+    relu: bool = False,
+) -> TrainOutput:
+    """The training forward with every option the kernels serve, differentiable.
+
+    Per ghost batch g (``ghosts`` of them: samples ``[g·v, (g+1)·v)``, or ``g, g+G, …`` when
+    ``strided``) and channel c: ``x̂ = (x − μ_gc)/sqrt(σ²_gc + eps)``, then
+    ``y = act(γ_c·(x̂·r_c + d_c) + β_c)`` with ``act`` = ReLU when ``relu``. Without renorm
+    ``r = 1, d = 0``; with it (``renorm_mean``/``renorm_std`` given) ``r = sqrt(σ̄² + eps)/s``,
+    ``d = (μ̄ − renorm_mean)/s``, ``s = max(renorm_std, sqrt(eps))``, ``μ̄, σ̄²`` the averages
+    over ghosts, r clipped to [rmin, rmax] and d to [−dmax, dmax]; no gradient through r, d.
+
+    Example:
+        >>> import torch
+        >>> from bnkit.kernels import cpp
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> if cpp.available():
+        ...     out = cpp.train(x, ghosts=2, relu=True)
+        ...     assert out.mean.shape == (2, 3) and bool((out.y >= 0).all())
     """
     if not _state["loaded"]:
         load()
-    y, mean, var = torch.ops.bnkit.bn_train(x, weight, bias, eps)
-    return y, mean, var
+    y, mean, var, r, d = torch.ops.bnkit.bn_train(
+        x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax, dmax, relu
+    )
+    return TrainOutput(y, mean, var, r, d)
+
+
+def cached_bytes() -> int:
+    """Bytes held by the kernels' output pool (blocks of freed outputs kept for reuse)."""
+    if not _state["loaded"]:
+        load()
+    n: int = torch.ops.bnkit.pool_cached_bytes()
+    return n
+
+
+def set_pool_limit(nbytes: int) -> int:
+    """Keep at most ``nbytes`` of freed output blocks for reuse (0 disables the pool).
+
+    The default is 1 GiB, or ``$BNKIT_POOL_MIB`` MiB. Returns the previous limit; lowering it
+    frees the oldest cached blocks at once, so ``set_pool_limit(0)`` releases everything.
+    """
+    if not _state["loaded"]:
+        load()
+    old: int = torch.ops.bnkit.pool_set_limit(int(nbytes))
+    return old

@@ -1,593 +1,1243 @@
-// bnkit's CPU batch-norm kernels (opt-in; not used by bnkit.functional yet).
+// bnkit's CPU batch-norm kernels (used by bnkit.functional under policy kernels="cpp").
 //
-// Operators (namespace bnkit, schemas below):
+// Operators (namespace bnkit, schemas at the end of this file):
 //   bn_stats(x) -> (mean, var)            per-channel mean and biased variance, one pass
 //   bn_normalize(x, mean, scale, shift)   y = (x - mean_c) * scale_c + shift_c, one pass
-//   bn_eval(x, mean, var, weight?, bias?, eps)
-//                                         y = (x - mean_c) * gamma_c / sqrt(var_c + eps) + beta_c
-//   bn_backward(dy, x, mean, invstd, weight?, grad_mean?, grad_var?) -> (dx, dweight, dbias)
-//                                         training backward: Σdy and Σdy·(x - mean) in one pass
-//                                         (double per run, as bn_stats), dx in a second pass
-//   bn_train(x, weight?, bias?, eps) -> (y, mean, var)
-//                                         training forward: bn_stats then the normalize pass
-//                                         (autograd registered from Python with bn_backward)
+//   bn_eval(x, mean, var, weight?, bias?, eps, relu)
+//                                         y = act((x - mean_c) * gamma_c / sqrt(var_c + eps) + beta_c)
+//   bn_train(x, weight?, bias?, eps, ghosts, strided, renorm_mean?, renorm_std?, rmin?, rmax?,
+//            dmax?, relu) -> (y, mean, var, r, d)
+//                                         training forward: statistics per (ghost, channel),
+//                                         batch-renorm r and d from the ghost-averaged
+//                                         statistics, then y = act(gamma (x_hat r + d) + beta)
+//   bn_backward(dy, x, mean, invstd, weight?, grad_mean?, grad_var?, ghosts, strided, r?, d?,
+//               output?) -> (dx, dweight, dbias)
+//                                         training backward: Σdy' and Σdy'·(x - mean) per
+//                                         (ghost, channel), then dx; dy' = dy masked by
+//                                         output > 0 when output (the ReLU's result) is given
 //
-// Layouts: channels on dim 1. A tensor is seen either as "blocks" (outer, C, inner) when it is
-// contiguous (NCHW, NCL, NCDHW) or as "rows" (rows, C) when its channels are innermost
-// (channels-last memory formats, 2-D (N, C) input). Anything else is made contiguous first.
+// Layouts: channels on dim 1. A tensor is seen as "blocks" (n, C, inner) when it is contiguous
+// (NCHW, NCL, NCDHW), or as "rows" (n, inner, C) when its channels are innermost (channels-last
+// memory formats, 2-D (N, C) input, or contiguous input with inner == 1). Anything else is made
+// contiguous first.
 //
-// Statistics: every value is shifted by K_c, the channel's first element, so large-mean data
-// does not cancel; runs of at most kChunk values are summed in the input precision
-// (S1 = sum(x - K), S2 = sum((x - K)^2)) and the run sums are added in double. Then
-// mean = K + S1/n and var = S2/n - (S1/n)^2 in double (clamped at 0). With K a sample of the
-// channel, |S1/n| is a few standard deviations and the subtraction loses little.
+// Passes over memory. Blocks layout with enough channels for every thread: one task per
+// channel computes the channel's statistics, then normalizes it while its values are still in
+// the core's cache (the slice of one channel is N * inner values), so memory sees about one
+// read and one write, as a copy. Otherwise (few channels, or rows layout): a statistics pass,
+// then the normalize pass. The backward is organised the same way (its sums need dy and x).
+//
+// Statistics: every value is shifted by K, the first value of its (ghost, channel), so
+// large-mean data does not cancel; runs of at most kChunk values are summed in the accumulation
+// type (float for float32/bfloat16/float16 input, double for float64) and the run sums are added
+// in double. Then mean = K + S1/n and var = S2/n - (S1/n)^2 in double (clamped at 0).
+//
+// Outputs of at least 1 MiB come from a small pool of blocks that bnkit's own outputs gave back
+// (see OutputPool): a fresh block from the operating system costs a page fault per 4 KiB, which
+// on large activations takes several times longer than the kernel itself.
 //
 // Threads: at::parallel_for (torch.get_num_threads()).
 
+#include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/rsqrt.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/Allocator.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <deque>
+#include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 namespace bnkit_cpu {
 
-constexpr int64_t kChunk = 2048;  // longest run summed in the input precision
+constexpr int64_t kChunk = 2048;  // longest run summed in the accumulation type
 
-struct View {
-  at::Tensor x;  // the tensor the kernels read (x itself, or a contiguous copy)
-  bool rows;     // true: (rows, C) with C innermost; false: (outer, C, inner) contiguous
-  int64_t outer, channels, inner;
+// ------------------------------------------------------------------------------ output pool
+
+// A cache of output blocks (at least kPoolMinBytes each), reused by exact size. Blocks return
+// here when the tensors that own them are freed; at most `limit` bytes are kept (the oldest
+// blocks are freed first). Allocations are reported to the PyTorch profiler like the default
+// CPU allocator's, so memory profiles see them.
+class OutputPool final : public c10::Allocator {
+ public:
+  static constexpr size_t kPoolMinBytes = size_t(1) << 20;
+
+  c10::DataPtr allocate(size_t n) override {
+    Block* b = take(n);
+    if (b == nullptr) {
+      void* p = nullptr;
+      if (posix_memalign(&p, 64, n) != 0 || p == nullptr) {
+        TORCH_CHECK(false, "bnkit: could not allocate ", n, " bytes");
+      }
+      b = new Block{p, n};
+    }
+    report(b->ptr, static_cast<int64_t>(n), true);
+    return {b->ptr, b, &OutputPool::give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  void set_limit(int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = static_cast<size_t>(std::max<int64_t>(bytes, 0));
+    trim_locked();
+  }
+
+  int64_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(cached_);
+  }
+
+  int64_t limit() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(limit_);
+  }
+
+  static OutputPool& instance() {
+    // Never destroyed: tensors may give blocks back during interpreter shutdown.
+    static OutputPool* pool = new OutputPool();
+    return *pool;
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t size;
+  };
+
+  OutputPool() {
+    const char* env = std::getenv("BNKIT_POOL_MIB");
+    int64_t mib = 1024;
+    if (env != nullptr && *env != '\0') mib = std::max<int64_t>(0, std::atoll(env));
+    limit_ = static_cast<size_t>(mib) << 20;
+  }
+
+  Block* take(size_t n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
+      if ((*it)->size == n) {
+        Block* b = *it;
+        free_.erase(std::next(it).base());
+        cached_ -= n;
+        live_ += n;
+        return b;
+      }
+    }
+    live_ += n;
+    return nullptr;
+  }
+
+  static void give_back(void* ctx) {
+    OutputPool& pool = instance();
+    Block* b = static_cast<Block*>(ctx);
+    pool.report(b->ptr, -static_cast<int64_t>(b->size), false);
+    std::lock_guard<std::mutex> lock(pool.mutex_);
+    pool.live_ -= b->size;
+    pool.free_.push_back(b);
+    pool.cached_ += b->size;
+    pool.trim_locked();
+  }
+
+  void trim_locked() {
+    while (cached_ > limit_ && !free_.empty()) {
+      Block* old = free_.front();
+      free_.pop_front();
+      cached_ -= old->size;
+      std::free(old->ptr);
+      delete old;
+    }
+  }
+
+  void report(void* ptr, int64_t delta, bool locked_before) {
+    (void)locked_before;
+    if (!c10::memoryProfilingEnabled()) return;
+    size_t live, reserved;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live = live_;
+      reserved = live_ + cached_;
+    }
+    c10::reportMemoryUsageToProfiler(ptr, delta, live, reserved,
+                                     c10::Device(c10::DeviceType::CPU));
+  }
+
+  std::mutex mutex_;
+  std::deque<Block*> free_;
+  size_t cached_ = 0;
+  size_t live_ = 0;
+  size_t limit_ = 0;
 };
 
-static View view_of(const at::Tensor& input) {
+// An uninitialized tensor with t's sizes, strides and dtype (t is dense and non-overlapping).
+static at::Tensor new_like(const at::Tensor& t) {
+  const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+  OutputPool& pool = OutputPool::instance();
+  if (nbytes < OutputPool::kPoolMinBytes || pool.limit() == 0) {
+    at::Tensor y = at::empty_like(t);
+    TORCH_CHECK(y.strides() == t.strides(), "bnkit: unexpected output strides");
+    return y;
+  }
+  return at::Tensor(at::detail::empty_strided_generic(
+      t.sizes(), t.strides(), &pool, c10::DispatchKeySet(c10::DispatchKey::CPU),
+      t.scalar_type()));
+}
+
+// ------------------------------------------------------------------------------ geometry
+
+template <typename T>
+struct Acc {
+  using type = float;  // float32, bfloat16 and float16 input accumulate in float
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+struct Geometry {
+  at::Tensor x;     // the tensor the kernels read (the input, or a contiguous copy)
+  bool rows;        // true: memory (n, inner, C); false: memory (n, C, inner)
+  int64_t n, c, inner;
+  int64_t ghosts = 1;    // ghost (virtual) batches, each normalized by its own statistics
+  bool strided = false;  // ghost g holds samples g, g + G, ... (Keras) instead of a block
+
+  int64_t per_ghost() const { return n / ghosts; }
+  int64_t sample(int64_t g, int64_t k) const {
+    return strided ? g + k * ghosts : g * per_ghost() + k;
+  }
+  int64_t ghost_of(int64_t s) const { return strided ? s % ghosts : s / per_ghost(); }
+  int64_t count() const { return per_ghost() * inner; }  // values per (ghost, channel)
+  int64_t first(int64_t g, int64_t ch) const {  // offset of (ghost, channel)'s first value
+    const int64_t s = sample(g, 0);
+    return rows ? s * inner * c + ch : (s * c + ch) * inner;
+  }
+};
+
+static Geometry geometry_of(const at::Tensor& input, int64_t ghosts = 1, bool strided = false) {
   TORCH_CHECK(input.dim() >= 2, "bnkit: expected input with at least 2 dims, got ",
               input.dim());
-  const int64_t c = input.size(1);
+  Geometry g;
+  g.c = input.size(1);
+  g.n = input.size(0);
   const int64_t numel = input.numel();
-  View v;
-  v.channels = c;
-  if (input.dim() == 2 && input.is_contiguous()) {
-    v.x = input;
-    v.rows = true;
-    v.outer = input.size(0);
-    v.inner = 1;
-    return v;
+  g.inner = (g.n == 0 || g.c == 0) ? 0 : numel / (g.n * g.c);
+  TORCH_CHECK(ghosts >= 1, "bnkit: ghosts must be >= 1, got ", ghosts);
+  TORCH_CHECK(g.n % ghosts == 0, "bnkit: batch of ", g.n, " samples does not split into ",
+              ghosts, " ghost batches");
+  g.ghosts = ghosts;
+  g.strided = strided;
+  if (input.is_contiguous()) {
+    g.x = input;
+    g.rows = g.inner == 1;  // (N, C) or (N, C, 1, ...): vectorize over C
+    return g;
   }
-  if (input.movedim(1, -1).is_contiguous() && !input.is_contiguous()) {
-    v.x = input;
-    v.rows = true;
-    v.outer = c == 0 ? 0 : numel / c;
-    v.inner = 1;
-    return v;
+  if (input.movedim(1, -1).is_contiguous()) {
+    g.x = input;
+    g.rows = true;
+    return g;
   }
-  v.x = input.contiguous();
-  v.rows = false;
-  v.outer = input.size(0);
-  v.inner = (v.outer == 0 || c == 0) ? 0 : numel / (v.outer * c);
-  if (v.inner == 1) v.rows = true;  // (N, C, 1, ...) is (N, C) rows: vectorize over C
-  return v;
-}
-
-static void check_channel_vector(const at::Tensor& t, const View& v, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == v.channels, "bnkit: ", name,
-              " must have shape (C,) = (", v.channels, ",), got ", t.sizes());
-}
-
-// ------------------------------------------------------------------------------ statistics
-
-template <typename scalar_t>
-static void stats_blocks(const View& v, const scalar_t* x, double* mean, double* var) {
-  const int64_t n_outer = v.outer, c_count = v.channels, inner = v.inner;
-  const int64_t chunks = (inner + kChunk - 1) / kChunk;
-  const int64_t tasks = n_outer * c_count * chunks;
-  // Per (sample, channel, chunk) shifted sums, merged per channel afterwards (small).
-  std::vector<double> s1(tasks), s2(tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t chunk = t % chunks;
-      const int64_t block = t / chunks;  // n * C + c
-      const int64_t c = block % c_count;
-      const scalar_t k = x[c * inner];  // first element of channel c (sample 0)
-      const scalar_t* p = x + block * inner + chunk * kChunk;
-      const int64_t len = std::min(kChunk, inner - chunk * kChunk);
-      scalar_t a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a1, a2)
-      for (int64_t i = 0; i < len; ++i) {
-        const scalar_t d = p[i] - k;
-        a1 += d;
-        a2 += d * d;
-      }
-      s1[t] = a1;
-      s2[t] = a2;
-    }
-  });
-  at::parallel_for(0, c_count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double t1 = 0, t2 = 0;
-      for (int64_t n = 0; n < n_outer; ++n) {
-        const int64_t base = (n * c_count + c) * chunks;
-        for (int64_t j = 0; j < chunks; ++j) {
-          t1 += s1[base + j];
-          t2 += s2[base + j];
-        }
-      }
-      const double count = static_cast<double>(n_outer * inner);
-      const double d = t1 / count;
-      mean[c] = static_cast<double>(x[c * inner]) + d;
-      var[c] = std::max(t2 / count - d * d, 0.0);
-    }
-  });
-}
-
-template <typename scalar_t>
-static void stats_rows(const View& v, const scalar_t* x, double* mean, double* var) {
-  const int64_t rows = v.outer, c_count = v.channels;
-  // Rows per run summed in the input precision, so a run holds about kChunk values per
-  // channel at most and at least a few rows of work.
-  const int64_t run =
-      std::max<int64_t>(1, std::min<int64_t>(kChunk, 65536 / std::max<int64_t>(c_count, 1)));
-  const int64_t runs = (rows + run - 1) / run;
-  // Per-thread float64 partials, indexed by at::get_thread_num(). Called from inside another
-  // parallel region, parallel_for runs inline on the caller's thread: use one slot then.
-  const bool nested = at::in_parallel_region();
-  const int threads = nested ? 1 : std::max(1, at::get_num_threads());
-  std::vector<double> t1(static_cast<size_t>(threads) * c_count, 0.0);
-  std::vector<double> t2(static_cast<size_t>(threads) * c_count, 0.0);
-  const scalar_t* k = x;  // row 0: each channel's first element
-  auto body = [&](int64_t begin, int64_t end) {
-    const int tid = nested ? 0 : at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < threads, "bnkit::bn_stats: unexpected thread id ", tid);
-    double* d1 = t1.data() + static_cast<size_t>(tid) * c_count;
-    double* d2 = t2.data() + static_cast<size_t>(tid) * c_count;
-    std::vector<scalar_t> a1(c_count), a2(c_count);
-    for (int64_t r = begin; r < end; ++r) {
-      std::fill(a1.begin(), a1.end(), scalar_t(0));
-      std::fill(a2.begin(), a2.end(), scalar_t(0));
-      scalar_t* q1 = a1.data();
-      scalar_t* q2 = a2.data();
-      const int64_t first = r * run, last = std::min(rows, first + run);
-      for (int64_t row = first; row < last; ++row) {
-        const scalar_t* p = x + row * c_count;
-#pragma omp simd
-        for (int64_t c = 0; c < c_count; ++c) {
-          const scalar_t d = p[c] - k[c];
-          q1[c] += d;
-          q2[c] += d * d;
-        }
-      }
-      for (int64_t c = 0; c < c_count; ++c) {
-        d1[c] += q1[c];
-        d2[c] += q2[c];
-      }
-    }
-  };
-  if (nested) {
-    body(0, runs);
-  } else {
-    at::parallel_for(0, runs, 1, body);
-  }
-  const double count = static_cast<double>(rows);
-  for (int64_t c = 0; c < c_count; ++c) {
-    double s1 = 0, s2 = 0;
-    for (int t = 0; t < threads; ++t) {
-      s1 += t1[static_cast<size_t>(t) * c_count + c];
-      s2 += t2[static_cast<size_t>(t) * c_count + c];
-    }
-    const double d = s1 / count;
-    mean[c] = static_cast<double>(k[c]) + d;
-    var[c] = std::max(s2 / count - d * d, 0.0);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
-  TORCH_CHECK(input.device().is_cpu(), "bnkit::bn_stats: CPU tensors only");
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "bnkit::bn_stats: float32 or float64 input, got ", dtype);
-  const View v = view_of(input);
-  TORCH_CHECK(v.channels == 0 || v.outer * v.inner > 0,
-              "bnkit::bn_stats: no values per channel (shape ", input.sizes(), ")");
-  auto opts = input.options().dtype(at::kDouble);
-  at::Tensor mean = at::empty({v.channels}, opts);
-  at::Tensor var = at::empty({v.channels}, opts);
-  if (v.channels > 0) {
-    if (dtype == at::kFloat) {
-      const float* x = v.x.const_data_ptr<float>();
-      if (v.rows) {
-        stats_rows<float>(v, x, mean.data_ptr<double>(), var.data_ptr<double>());
-      } else {
-        stats_blocks<float>(v, x, mean.data_ptr<double>(), var.data_ptr<double>());
-      }
-    } else {
-      const double* x = v.x.const_data_ptr<double>();
-      if (v.rows) {
-        stats_rows<double>(v, x, mean.data_ptr<double>(), var.data_ptr<double>());
-      } else {
-        stats_blocks<double>(v, x, mean.data_ptr<double>(), var.data_ptr<double>());
-      }
-    }
-  }
-  return {mean.to(dtype), var.to(dtype)};
-}
-
-// ------------------------------------------------------------------------------ normalize
-
-template <typename scalar_t>
-static void normalize_kernel(const View& v, const scalar_t* x, scalar_t* y, const scalar_t* m,
-                             const scalar_t* a, const scalar_t* b) {
-  const int64_t c_count = v.channels;
-  if (v.rows) {
-    const int64_t rows = v.outer;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(c_count, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* p = x + row * c_count;
-        scalar_t* q = y + row * c_count;
-#pragma omp simd
-        for (int64_t c = 0; c < c_count; ++c) {
-          q[c] = (p[c] - m[c]) * a[c] + b[c];
-        }
-      }
-    });
-    return;
-  }
-  const int64_t inner = v.inner;
-  const int64_t chunks = (inner + kChunk - 1) / kChunk;
-  const int64_t tasks = v.outer * c_count * chunks;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t chunk = t % chunks;
-      const int64_t block = t / chunks;
-      const int64_t c = block % c_count;
-      const int64_t offset = block * inner + chunk * kChunk;
-      const int64_t len = std::min(kChunk, inner - chunk * kChunk);
-      const scalar_t mc = m[c], ac = a[c], bc = b[c];
-      const scalar_t* p = x + offset;
-      scalar_t* q = y + offset;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        q[i] = (p[i] - mc) * ac + bc;
-      }
-    }
-  });
-}
-
-static at::Tensor output_like(const View& v, const at::Tensor& input) {
-  // Same memory format as the input: the channels-last "rows" view needs y's strides to
-  // match x's; empty_like preserves the strides of a dense, non-overlapping tensor.
-  at::Tensor y = at::empty_like(v.x);
-  TORCH_CHECK(y.strides() == v.x.strides(), "bnkit: unexpected output strides");
-  (void)input;
-  return y;
+  g.x = input.contiguous();
+  g.rows = g.inner == 1;
+  return g;
 }
 
 static void check_input(const at::Tensor& input) {
   TORCH_CHECK(input.device().is_cpu(), "bnkit: CPU tensors only");
   const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "bnkit: float32 or float64 input, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              "bnkit: float32, float64, bfloat16 or float16 input, got ", dtype);
 }
 
-// Per-channel vector as contiguous values of type T (no copy when it already is).
+// The dtype of statistics and per-channel results: float32 for half input.
+static at::ScalarType stats_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+static void check_vector(const at::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.numel() == numel, "bnkit: ", name, " must have ", numel, " values, got shape ",
+              t.sizes());
+}
+
+static bool has(const std::optional<at::Tensor>& t);
+
+// Values of a tensor as a contiguous std::vector<T> (empty when t is absent), read in place
+// (no conversion tensors: these are per-call costs on small inputs).
 template <typename T>
-static std::vector<T> channel_values(const at::Tensor& t) {
-  at::Tensor c = t.to(c10::CppTypeToScalarType<T>::value).contiguous();
-  const T* p = c.const_data_ptr<T>();
-  return std::vector<T>(p, p + c.numel());
+static std::vector<T> values_of(const std::optional<at::Tensor>& t) {
+  if (!has(t)) return {};
+  const at::Tensor c = t->is_contiguous() ? *t : t->contiguous();
+  std::vector<T> out(static_cast<size_t>(c.numel()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bnkit_values", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<T>(p[i]);
+  });
+  return out;
 }
 
-template <typename scalar_t>
-static at::Tensor run_normalize(const View& v, const std::vector<scalar_t>& m,
-                                const std::vector<scalar_t>& a, const std::vector<scalar_t>& b) {
-  at::Tensor y = output_like(v, v.x);
-  if (v.x.numel() == 0) return y;
-  normalize_kernel<scalar_t>(v, v.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                             m.data(), a.data(), b.data());
-  return y;
-}
-
-at::Tensor bn_normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
-                        const at::Tensor& shift) {
-  check_input(input);
-  const View v = view_of(input);
-  check_channel_vector(mean, v, "mean");
-  check_channel_vector(scale, v, "scale");
-  check_channel_vector(shift, v, "shift");
-  if (input.scalar_type() == at::kFloat) {
-    return run_normalize<float>(v, channel_values<float>(mean), channel_values<float>(scale),
-                                channel_values<float>(shift));
-  }
-  return run_normalize<double>(v, channel_values<double>(mean), channel_values<double>(scale),
-                               channel_values<double>(shift));
-}
-
-template <typename scalar_t>
-static at::Tensor eval_impl(const View& v, const at::Tensor& mean, const at::Tensor& var,
-                            const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, double eps) {
-  // Fold in double: scale = gamma / sqrt(var + eps), shift = beta; then round to scalar_t.
-  const int64_t c = v.channels;
-  const std::vector<double> vv = channel_values<double>(var);
-  const bool has_w = weight.has_value() && weight->defined();
-  const bool has_b = bias.has_value() && bias->defined();
-  if (has_w) check_channel_vector(*weight, v, "weight");
-  if (has_b) check_channel_vector(*bias, v, "bias");
-  const std::vector<double> w = has_w ? channel_values<double>(*weight) : std::vector<double>();
-  std::vector<scalar_t> a(c), b(c);
-  if (has_b) {
-    b = channel_values<scalar_t>(*bias);
+// A 1-D or 2-D tensor of dtype `dtype` holding `values`.
+static at::Tensor tensor_of(const std::vector<double>& values, at::IntArrayRef shape,
+                            at::ScalarType dtype) {
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
+  TORCH_CHECK(static_cast<size_t>(t.numel()) == values.size(), "bnkit: internal size mismatch");
+  if (dtype == at::kDouble) {
+    std::copy(values.begin(), values.end(), t.data_ptr<double>());
   } else {
-    std::fill(b.begin(), b.end(), scalar_t(0));
+    TORCH_CHECK(dtype == at::kFloat, "bnkit: internal dtype ", dtype);
+    float* p = t.data_ptr<float>();
+    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<float>(values[i]);
   }
-  for (int64_t i = 0; i < c; ++i) {
-    a[i] = static_cast<scalar_t>((has_w ? w[i] : 1.0) / std::sqrt(vv[i] + eps));
-  }
-  return run_normalize<scalar_t>(v, channel_values<scalar_t>(mean), a, b);
+  return t;
 }
 
-at::Tensor bn_eval(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
-                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                   double eps) {
-  check_input(input);
-  const View v = view_of(input);
-  check_channel_vector(mean, v, "mean");
-  check_channel_vector(var, v, "var");
-  if (input.scalar_type() == at::kFloat) {
-    return eval_impl<float>(v, mean, var, weight, bias, eps);
-  }
-  return eval_impl<double>(v, mean, var, weight, bias, eps);
+static bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+static int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
+
+// One task per channel (statistics, then the normalize while the channel is in cache) when
+// the channels keep every thread busy, the runs are long enough to stream (short runs spread
+// over N samples are latency-bound) and a channel's values fit comfortably in a core's cache
+// next to its output (`tensors` of them are read per value: 1 forward, 2 backward).
+static bool per_channel_tasks(const Geometry& g, int64_t tensors) {
+  const int64_t t = num_threads();
+  const int64_t slice_bytes = g.n * g.inner * g.x.element_size() * (tensors + 1);
+  return !g.rows && g.c >= t && (g.c % t == 0 || g.c >= 4 * t) && g.inner >= 128 &&
+         slice_bytes <= (int64_t(512) << 10);
 }
 
-// ------------------------------------------------------------------------------ backward
+// One channel at a time with every thread on it (each takes a share of its samples), when a
+// channel is too large for one core's cache but a thread's share of it is not: the second
+// pass over the channel then reads the cache, at the cost of two parallel regions per channel.
+static bool shared_channel_tasks(const Geometry& g, int64_t tensors) {
+  const int64_t t = num_threads();
+  const int64_t slice_bytes = g.n * g.inner * g.x.element_size() * (tensors + 1);
+  return !g.rows && g.inner >= 1024 && g.per_ghost() >= 2 * t && slice_bytes / t <= (int64_t(1536) << 10);
+}
 
-// Σdy and Σdy·(x - mean) per channel, in double (runs in the input precision, as bn_stats).
-template <typename scalar_t>
-static void backward_sums(const View& v, const scalar_t* x, const scalar_t* dy,
-                          const scalar_t* m, double* sum_dy, double* sum_dyx) {
-  const int64_t c_count = v.channels;
-  if (v.rows) {
-    const int64_t rows = v.outer;
-    const int64_t run =
-        std::max<int64_t>(1, std::min<int64_t>(kChunk, 65536 / std::max<int64_t>(c_count, 1)));
-    const int64_t runs = (rows + run - 1) / run;
-    const bool nested = at::in_parallel_region();
-    const int threads = nested ? 1 : std::max(1, at::get_num_threads());
-    std::vector<double> t1(static_cast<size_t>(threads) * c_count, 0.0);
-    std::vector<double> t2(static_cast<size_t>(threads) * c_count, 0.0);
-    auto body = [&](int64_t begin, int64_t end) {
-      const int tid = nested ? 0 : at::get_thread_num();
-      TORCH_CHECK(tid >= 0 && tid < threads, "bnkit::bn_backward: unexpected thread id ", tid);
-      double* d1 = t1.data() + static_cast<size_t>(tid) * c_count;
-      double* d2 = t2.data() + static_cast<size_t>(tid) * c_count;
-      std::vector<scalar_t> a1(c_count), a2(c_count);
-      for (int64_t r = begin; r < end; ++r) {
-        std::fill(a1.begin(), a1.end(), scalar_t(0));
-        std::fill(a2.begin(), a2.end(), scalar_t(0));
-        scalar_t* q1 = a1.data();
-        scalar_t* q2 = a2.data();
-        const int64_t first = r * run, last = std::min(rows, first + run);
-        for (int64_t row = first; row < last; ++row) {
-          const scalar_t* p = x + row * c_count;
-          const scalar_t* g = dy + row * c_count;
-#pragma omp simd
-          for (int64_t c = 0; c < c_count; ++c) {
-            q1[c] += g[c];
-            q2[c] += g[c] * (p[c] - m[c]);
-          }
-        }
-        for (int64_t c = 0; c < c_count; ++c) {
-          d1[c] += q1[c];
-          d2[c] += q2[c];
-        }
+// Sums over the samples of (ghost, channel) with every thread: each adds its share of the
+// samples' runs (run(a1, a2, offset, length) in the accumulation type) into its own float64
+// slot; the slots are added at the end.
+template <typename A, typename F>
+static void shared_sums(const Geometry& g, int64_t gh, int64_t ch, double& s1, double& s2,
+                        F&& run) {
+  const int threads = num_threads();
+  std::vector<double> t1(threads, 0.0), t2(threads, 0.0);
+  at::parallel_for(0, g.per_ghost(), 1, [&](int64_t begin, int64_t end) {
+    const int tid = threads == 1 ? 0 : at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < threads, "bnkit: unexpected thread id ", tid);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t base = (g.sample(gh, k) * g.c + ch) * g.inner;
+      for (int64_t off = 0; off < g.inner; off += kChunk) {
+        A a1 = 0, a2 = 0;
+        run(a1, a2, base + off, std::min(kChunk, g.inner - off));
+        t1[tid] += a1;
+        t2[tid] += a2;
       }
-    };
-    if (nested) {
-      body(0, runs);
-    } else {
-      at::parallel_for(0, runs, 1, body);
     }
-    for (int64_t c = 0; c < c_count; ++c) {
-      double s1 = 0, s2 = 0;
-      for (int t = 0; t < threads; ++t) {
-        s1 += t1[static_cast<size_t>(t) * c_count + c];
-        s2 += t2[static_cast<size_t>(t) * c_count + c];
+  });
+  s1 = s2 = 0;
+  for (int t = 0; t < threads; ++t) {
+    s1 += t1[t];
+    s2 += t2[t];
+  }
+}
+
+// Elementwise pass over (ghost, channel) with every thread: run(offset, length).
+template <typename F>
+static void shared_apply(const Geometry& g, int64_t gh, int64_t ch, F&& run) {
+  at::parallel_for(0, g.per_ghost(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t base = (g.sample(gh, k) * g.c + ch) * g.inner;
+      for (int64_t off = 0; off < g.inner; off += kChunk) run(base + off, std::min(kChunk, g.inner - off));
+    }
+  });
+}
+
+// Calls f(offset, length) for every run (at most kChunk values) of (ghost, channel): blocks.
+template <typename F>
+static void for_each_run(const Geometry& g, int64_t ghost, int64_t ch, F&& f) {
+  const int64_t pg = g.per_ghost(), inner = g.inner;
+  for (int64_t k = 0; k < pg; ++k) {
+    const int64_t base = (g.sample(ghost, k) * g.c + ch) * inner;
+    for (int64_t off = 0; off < inner; off += kChunk) f(base + off, std::min(kChunk, inner - off));
+  }
+}
+
+// Rows layout: pieces of at most `run` rows that stay within one ghost.
+struct RowPiece {
+  int64_t ghost, begin, end;
+};
+
+static std::vector<RowPiece> row_pieces(const Geometry& g) {
+  const int64_t run =
+      std::max<int64_t>(1, std::min<int64_t>(kChunk, 65536 / std::max<int64_t>(g.c, 1)));
+  std::vector<RowPiece> pieces;
+  auto split = [&](int64_t ghost, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r += run) pieces.push_back({ghost, r, std::min(end, r + run)});
+  };
+  if (g.ghosts == 1 || !g.strided) {
+    const int64_t rows_per_ghost = g.per_ghost() * g.inner;
+    for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+      split(gh, gh * rows_per_ghost, (gh + 1) * rows_per_ghost);
+    }
+  } else {
+    for (int64_t s = 0; s < g.n; ++s) split(g.ghost_of(s), s * g.inner, (s + 1) * g.inner);
+  }
+  return pieces;
+}
+
+// Sums per (ghost, channel) over the rows layout: piece(p, q1, q2, begin, end, ghost) adds its
+// rows into the accumulation-type arrays q1, q2 (C values each); the pieces' sums are added in
+// double per thread, then over threads, into s1, s2 (ghosts * C values).
+template <typename A, typename F>
+static void row_sums(const Geometry& g, double* s1, double* s2, F&& piece) {
+  const std::vector<RowPiece> pieces = row_pieces(g);
+  const int64_t cc = g.c, width = g.ghosts * cc;
+  const bool nested = at::in_parallel_region();
+  const int threads = nested ? 1 : std::max(1, at::get_num_threads());
+  std::vector<double> t1(static_cast<size_t>(threads) * width, 0.0);
+  std::vector<double> t2(static_cast<size_t>(threads) * width, 0.0);
+  auto body = [&](int64_t begin, int64_t end) {
+    const int tid = nested ? 0 : at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < threads, "bnkit: unexpected thread id ", tid);
+    std::vector<A> q1(cc), q2(cc);
+    for (int64_t i = begin; i < end; ++i) {
+      const RowPiece& p = pieces[i];
+      std::fill(q1.begin(), q1.end(), A(0));
+      std::fill(q2.begin(), q2.end(), A(0));
+      piece(q1.data(), q2.data(), p.begin, p.end, p.ghost);
+      double* d1 = t1.data() + static_cast<size_t>(tid) * width + p.ghost * cc;
+      double* d2 = t2.data() + static_cast<size_t>(tid) * width + p.ghost * cc;
+      for (int64_t ch = 0; ch < cc; ++ch) {
+        d1[ch] += q1[ch];
+        d2[ch] += q2[ch];
       }
-      sum_dy[c] = s1;
-      sum_dyx[c] = s2;
     }
+  };
+  const int64_t count = static_cast<int64_t>(pieces.size());
+  if (nested) {
+    body(0, count);
+  } else {
+    at::parallel_for(0, count, 1, body);
+  }
+  for (int64_t i = 0; i < width; ++i) {
+    double u1 = 0, u2 = 0;
+    for (int t = 0; t < threads; ++t) {
+      u1 += t1[static_cast<size_t>(t) * width + i];
+      u2 += t2[static_cast<size_t>(t) * width + i];
+    }
+    s1[i] = u1;
+    s2[i] = u2;
+  }
+}
+
+template <typename A, typename F>
+static void block_sums_by_run(const Geometry& g, double* s1, double* s2, F&& run);
+
+// Sums per (ghost, channel) over the blocks layout, in memory order: each thread takes whole
+// samples and adds every (channel, run) sum into its own float64 partials, which are added
+// over threads at the end. With fewer samples than a few per thread, per-(sample, channel,
+// run) tasks instead (one sample of a huge image still spreads over every thread).
+template <typename A, typename F>
+static void block_sums(const Geometry& g, double* s1, double* s2, F&& run) {
+  const bool nested = at::in_parallel_region();
+  const int threads = nested ? 1 : std::max(1, at::get_num_threads());
+  if (g.n < 4 * threads) {
+    block_sums_by_run<A>(g, s1, s2, run);
     return;
   }
-  const int64_t n_outer = v.outer, inner = v.inner;
-  const int64_t chunks = (inner + kChunk - 1) / kChunk;
-  const int64_t tasks = n_outer * c_count * chunks;
-  std::vector<double> s1(tasks), s2(tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t chunk = t % chunks;
-      const int64_t block = t / chunks;
-      const int64_t c = block % c_count;
-      const int64_t offset = block * inner + chunk * kChunk;
-      const int64_t len = std::min(kChunk, inner - chunk * kChunk);
-      const scalar_t mc = m[c];
-      const scalar_t* p = x + offset;
-      const scalar_t* g = dy + offset;
-      scalar_t a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a1, a2)
-      for (int64_t i = 0; i < len; ++i) {
-        a1 += g[i];
-        a2 += g[i] * (p[i] - mc);
-      }
-      s1[t] = a1;
-      s2[t] = a2;
-    }
-  });
-  at::parallel_for(0, c_count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double u1 = 0, u2 = 0;
-      for (int64_t n = 0; n < n_outer; ++n) {
-        const int64_t base = (n * c_count + c) * chunks;
-        for (int64_t j = 0; j < chunks; ++j) {
-          u1 += s1[base + j];
-          u2 += s2[base + j];
+  const int64_t cc = g.c, width = g.ghosts * cc;
+  std::vector<double> t1(static_cast<size_t>(threads) * width, 0.0);
+  std::vector<double> t2(static_cast<size_t>(threads) * width, 0.0);
+  auto body = [&](int64_t begin, int64_t end) {
+    const int tid = nested ? 0 : at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < threads, "bnkit: unexpected thread id ", tid);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t gh = g.ghost_of(s);
+      double* d1 = t1.data() + static_cast<size_t>(tid) * width + gh * cc;
+      double* d2 = t2.data() + static_cast<size_t>(tid) * width + gh * cc;
+      for (int64_t ch = 0; ch < cc; ++ch) {
+        const int64_t base = (s * cc + ch) * g.inner;
+        for (int64_t off = 0; off < g.inner; off += kChunk) {
+          A a1 = 0, a2 = 0;
+          run(a1, a2, base + off, std::min(kChunk, g.inner - off), gh, ch);
+          d1[ch] += a1;
+          d2[ch] += a2;
         }
       }
-      sum_dy[c] = u1;
-      sum_dyx[c] = u2;
+    }
+  };
+  if (nested) {
+    body(0, g.n);
+  } else {
+    at::parallel_for(0, g.n, 1, body);
+  }
+  for (int64_t i = 0; i < width; ++i) {
+    double u1 = 0, u2 = 0;
+    for (int t = 0; t < threads; ++t) {
+      u1 += t1[static_cast<size_t>(t) * width + i];
+      u2 += t2[static_cast<size_t>(t) * width + i];
+    }
+    s1[i] = u1;
+    s2[i] = u2;
+  }
+}
+
+// Sums per (ghost, channel) over the blocks layout with few samples: per-(sample, channel,
+// run) partial sums in parallel, then added per (ghost, channel) in double.
+template <typename A, typename F>
+static void block_sums_by_run(const Geometry& g, double* s1, double* s2, F&& run) {
+  const int64_t runs = (g.inner + kChunk - 1) / kChunk;
+  const int64_t tasks = g.n * g.c * runs;
+  std::vector<double> p1(tasks), p2(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j = t % runs, block = t / runs;  // block = sample * C + channel
+      const int64_t ch = block % g.c, s = block / g.c;
+      A a1 = 0, a2 = 0;
+      run(a1, a2, block * g.inner + j * kChunk, std::min(kChunk, g.inner - j * kChunk),
+          g.ghost_of(s), ch);
+      p1[t] = a1;
+      p2[t] = a2;
+    }
+  });
+  for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      double u1 = 0, u2 = 0;
+      for (int64_t k = 0; k < g.per_ghost(); ++k) {
+        const int64_t base = (g.sample(gh, k) * g.c + ch) * runs;
+        for (int64_t j = 0; j < runs; ++j) {
+          u1 += p1[base + j];
+          u2 += p2[base + j];
+        }
+      }
+      s1[gh * g.c + ch] = u1;
+      s2[gh * g.c + ch] = u2;
+    }
+  }
+}
+
+// Elementwise pass over the whole tensor: f(offset, length, ghost, channel) for blocks runs;
+// r(row, ghost) for rows.
+template <typename FB, typename FR>
+static void for_all(const Geometry& g, FB&& block_run, FR&& row) {
+  if (g.rows) {
+    const int64_t rows = g.n * g.inner;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.c, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row(r, g.ghost_of(r / g.inner));
+    });
+    return;
+  }
+  const int64_t runs = (g.inner + kChunk - 1) / kChunk;
+  const int64_t tasks = g.n * g.c * runs;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j = t % runs, block = t / runs;
+      const int64_t ch = block % g.c, s = block / g.c;
+      block_run(block * g.inner + j * kChunk, std::min(kChunk, g.inner - j * kChunk),
+                g.ghost_of(s), ch);
     }
   });
 }
 
-// grad_x = a_c·dy + b_c·(x - mean_c) + d_c, one pass.
-template <typename scalar_t>
-static void backward_apply(const View& v, const scalar_t* x, const scalar_t* dy, scalar_t* gx,
-                           const scalar_t* m, const scalar_t* a, const scalar_t* b,
-                           const scalar_t* d) {
-  const int64_t c_count = v.channels;
-  if (v.rows) {
-    const int64_t rows = v.outer;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(c_count, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* p = x + row * c_count;
-        const scalar_t* g = dy + row * c_count;
-        scalar_t* q = gx + row * c_count;
+// ------------------------------------------------------------------------------ inner loops
+
+template <typename T, typename A>
+static inline void shifted_sums(const T* p, int64_t len, A k, A& s1, A& s2) {
+  A a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+  for (int64_t i = 0; i < len; ++i) {
+    const A d = static_cast<A>(p[i]) - k;
+    a1 += d;
+    a2 += d * d;
+  }
+  s1 += a1;
+  s2 += a2;
+}
+
+template <typename T, typename A, bool Relu>
+static inline void grad_sums(const T* x, const T* dy, const T* y, int64_t len, A m, A& s1, A& s2) {
+  A a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+  for (int64_t i = 0; i < len; ++i) {
+    A gi = static_cast<A>(dy[i]);
+    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
+    a1 += gi;
+    a2 += gi * (static_cast<A>(x[i]) - m);
+  }
+  s1 += a1;
+  s2 += a2;
+}
+
+template <typename T, typename A, bool Relu>
+static inline void affine_run(const T* p, T* q, int64_t len, A m, A a, A b) {
 #pragma omp simd
-        for (int64_t c = 0; c < c_count; ++c) {
-          q[c] = a[c] * g[c] + b[c] * (p[c] - m[c]) + d[c];
+  for (int64_t i = 0; i < len; ++i) {
+    A v = (static_cast<A>(p[i]) - m) * a + b;
+    if constexpr (Relu) v = v > A(0) ? v : A(0);
+    q[i] = static_cast<T>(v);
+  }
+}
+
+template <typename T, typename A, bool Relu>
+static inline void affine_row(const T* p, T* q, int64_t cc, const A* m, const A* a, const A* b) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    A v = (static_cast<A>(p[ch]) - m[ch]) * a[ch] + b[ch];
+    if constexpr (Relu) v = v > A(0) ? v : A(0);
+    q[ch] = static_cast<T>(v);
+  }
+}
+
+// gx = a·dy' + b·(x - m) + d
+template <typename T, typename A, bool Relu>
+static inline void grad_run(const T* x, const T* dy, const T* y, T* gx, int64_t len, A m, A a,
+                            A b, A d) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    A gi = static_cast<A>(dy[i]);
+    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
+    gx[i] = static_cast<T>(a * gi + b * (static_cast<A>(x[i]) - m) + d);
+  }
+}
+
+template <typename T, typename A, bool Relu>
+static inline void grad_row(const T* x, const T* dy, const T* y, T* gx, int64_t cc, const A* m,
+                            const A* a, const A* b, const A* d) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    A gi = static_cast<A>(dy[ch]);
+    if constexpr (Relu) gi = static_cast<A>(y[ch]) > A(0) ? gi : A(0);
+    gx[ch] = static_cast<T>(a[ch] * gi + b[ch] * (static_cast<A>(x[ch]) - m[ch]) + d[ch]);
+  }
+}
+
+// mean = K + S1/n, var = S2/n - (S1/n)^2 (clamped at 0), in double.
+static inline void finish_stats(double k, double s1, double s2, double count, double& mean,
+                                double& var) {
+  const double d = s1 / count;
+  mean = k + d;
+  var = std::max(s2 / count - d * d, 0.0);
+}
+
+// ------------------------------------------------------------------------------ statistics
+
+// Mean and biased variance per (ghost, channel) into mean, var (ghosts * C doubles).
+template <typename T>
+static void statistics(const Geometry& g, const T* x, double* mean, double* var) {
+  using A = typename Acc<T>::type;
+  const int64_t cc = g.c, width = g.ghosts * cc;
+  std::vector<A> k(width);
+  for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+    for (int64_t ch = 0; ch < cc; ++ch) k[gh * cc + ch] = static_cast<A>(x[g.first(gh, ch)]);
+  }
+  std::vector<double> s1(width), s2(width);
+  if (g.rows) {
+    row_sums<A>(g, s1.data(), s2.data(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
+      const A* kk = k.data() + gh * cc;
+      for (int64_t r = begin; r < end; ++r) {
+        const T* p = x + r * cc;
+#pragma omp simd
+        for (int64_t ch = 0; ch < cc; ++ch) {
+          const A d = static_cast<A>(p[ch]) - kk[ch];
+          q1[ch] += d;
+          q2[ch] += d * d;
+        }
+      }
+    });
+  } else {
+    block_sums<A>(g, s1.data(), s2.data(),
+                         [&](A& a1, A& a2, int64_t off, int64_t len, int64_t gh, int64_t ch) {
+                           shifted_sums<T, A>(x + off, len, k[gh * cc + ch], a1, a2);
+                         });
+  }
+  const double count = static_cast<double>(g.count());
+  for (int64_t i = 0; i < width; ++i) {
+    finish_stats(static_cast<double>(k[i]), s1[i], s2[i], count, mean[i], var[i]);
+  }
+}
+
+// ------------------------------------------------------------------------------ coefficients
+
+// The per-channel affine and batch renormalization of the training forward.
+struct Affine {
+  std::vector<double> weight, bias;             // empty: γ = 1, β = 0
+  std::vector<double> renorm_mean, renorm_std;  // empty: no renorm
+  std::optional<double> rmin, rmax, dmax;
+  double eps = 1e-5;
+
+  bool renorm() const { return !renorm_std.empty(); }
+  double gamma(int64_t ch) const { return weight.empty() ? 1.0 : weight[ch]; }
+  double beta(int64_t ch) const { return bias.empty() ? 0.0 : bias[ch]; }
+};
+
+// For channel ch: r and d (renorm; 1 and 0 otherwise) and, per ghost gh, y = (x - m)·a + b.
+template <typename A>
+static void forward_coefficients(const Affine& f, int64_t ghosts, int64_t cc, int64_t ch,
+                                 const double* mean, const double* var, A* m, A* a, A* b,
+                                 double* r_out, double* d_out) {
+  double r = 1.0, d = 0.0;
+  if (f.renorm()) {
+    double mu = 0, v = 0;
+    for (int64_t gh = 0; gh < ghosts; ++gh) {
+      mu += mean[gh * cc + ch];
+      v += var[gh * cc + ch];
+    }
+    mu /= static_cast<double>(ghosts);
+    v /= static_cast<double>(ghosts);
+    const double denom = std::max(f.renorm_std[ch], std::sqrt(f.eps));
+    r = std::sqrt(v + f.eps) / denom;
+    d = (mu - f.renorm_mean[ch]) / denom;
+    if (f.rmin) r = std::max(r, *f.rmin);
+    if (f.rmax) r = std::min(r, *f.rmax);
+    if (f.dmax) d = std::min(std::max(d, -*f.dmax), *f.dmax);
+  }
+  if (r_out != nullptr) {
+    r_out[ch] = r;
+    d_out[ch] = d;
+  }
+  const double gamma = f.gamma(ch), beta = f.beta(ch);
+  for (int64_t gh = 0; gh < ghosts; ++gh) {
+    const int64_t i = gh * cc + ch;
+    m[gh] = static_cast<A>(mean[i]);
+    a[gh] = static_cast<A>(gamma * r / std::sqrt(var[i] + f.eps));
+    b[gh] = static_cast<A>(gamma * d + beta);
+  }
+}
+
+// ------------------------------------------------------------------------------ forward
+
+template <typename T, bool Relu>
+static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean, double* var,
+                          double* r, double* d) {
+  using A = typename Acc<T>::type;
+  const T* x = g.x.const_data_ptr<T>();
+  const int64_t cc = g.c, gs = g.ghosts;
+  const double count = static_cast<double>(g.count());
+  if (per_channel_tasks(g, 1)) {
+    // Statistics then normalize, channel by channel: the second read hits the cache.
+    at::parallel_for(0, cc, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> m(gs), a(gs), b(gs);
+      for (int64_t ch = begin; ch < end; ++ch) {
+        for (int64_t gh = 0; gh < gs; ++gh) {
+          const A k = static_cast<A>(x[g.first(gh, ch)]);
+          double s1 = 0, s2 = 0;
+          for_each_run(g, gh, ch, [&](int64_t off, int64_t len) {
+            A a1 = 0, a2 = 0;
+            shifted_sums<T, A>(x + off, len, k, a1, a2);
+            s1 += a1;
+            s2 += a2;
+          });
+          finish_stats(static_cast<double>(k), s1, s2, count, mean[gh * cc + ch],
+                       var[gh * cc + ch]);
+        }
+        forward_coefficients<A>(f, gs, cc, ch, mean, var, m.data(), a.data(), b.data(), r, d);
+        for (int64_t gh = 0; gh < gs; ++gh) {
+          for_each_run(g, gh, ch, [&](int64_t off, int64_t len) {
+            affine_run<T, A, Relu>(x + off, y + off, len, m[gh], a[gh], b[gh]);
+          });
         }
       }
     });
     return;
   }
-  const int64_t inner = v.inner;
-  const int64_t chunks = (inner + kChunk - 1) / kChunk;
-  const int64_t tasks = v.outer * c_count * chunks;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t chunk = t % chunks;
-      const int64_t block = t / chunks;
-      const int64_t c = block % c_count;
-      const int64_t offset = block * inner + chunk * kChunk;
-      const int64_t len = std::min(kChunk, inner - chunk * kChunk);
-      const scalar_t mc = m[c], ac = a[c], bc = b[c], dc = d[c];
-      const scalar_t* p = x + offset;
-      const scalar_t* g = dy + offset;
-      scalar_t* q = gx + offset;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        q[i] = ac * g[i] + bc * (p[i] - mc) + dc;
+  if (shared_channel_tasks(g, 1)) {
+    std::vector<A> m(gs), a(gs), b(gs);
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      for (int64_t gh = 0; gh < gs; ++gh) {
+        const A k = static_cast<A>(x[g.first(gh, ch)]);
+        double s1, s2;
+        shared_sums<A>(g, gh, ch, s1, s2, [&](A& a1, A& a2, int64_t off, int64_t len) {
+          shifted_sums<T, A>(x + off, len, k, a1, a2);
+        });
+        finish_stats(static_cast<double>(k), s1, s2, count, mean[gh * cc + ch],
+                     var[gh * cc + ch]);
+      }
+      forward_coefficients<A>(f, gs, cc, ch, mean, var, m.data(), a.data(), b.data(), r, d);
+      for (int64_t gh = 0; gh < gs; ++gh) {
+        shared_apply(g, gh, ch, [&](int64_t off, int64_t len) {
+          affine_run<T, A, Relu>(x + off, y + off, len, m[gh], a[gh], b[gh]);
+        });
       }
     }
-  });
+    return;
+  }
+  statistics<T>(g, x, mean, var);
+  std::vector<A> m(gs * cc), a(gs * cc), b(gs * cc);
+  std::vector<A> mc(gs), ac(gs), bc(gs);
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    forward_coefficients<A>(f, gs, cc, ch, mean, var, mc.data(), ac.data(), bc.data(), r, d);
+    for (int64_t gh = 0; gh < gs; ++gh) {
+      m[gh * cc + ch] = mc[gh];
+      a[gh * cc + ch] = ac[gh];
+      b[gh * cc + ch] = bc[gh];
+    }
+  }
+  for_all(
+      g,
+      [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+        const int64_t i = gh * cc + ch;
+        affine_run<T, A, Relu>(x + off, y + off, len, m[i], a[i], b[i]);
+      },
+      [&](int64_t row, int64_t gh) {
+        const int64_t i = gh * cc;
+        affine_row<T, A, Relu>(x + row * cc, y + row * cc, cc, m.data() + i, a.data() + i,
+                               b.data() + i);
+      });
 }
 
-// dy in the same memory layout as the view of x (strides equal), copying only when needed.
-static at::Tensor like_view(const at::Tensor& t, const View& v) {
-  if (t.strides() == v.x.strides()) return t;
-  if (v.rows) {
+// The elementwise pass y = act((x - m)·a + b) with per-channel m, a, b (one ghost).
+template <typename T>
+static at::Tensor affine_pass(const Geometry& g, const std::vector<double>& m,
+                              const std::vector<double>& a, const std::vector<double>& b,
+                              bool relu) {
+  using A = typename Acc<T>::type;
+  at::Tensor out = new_like(g.x);
+  if (g.x.numel() == 0) return out;
+  const T* x = g.x.const_data_ptr<T>();
+  T* y = out.data_ptr<T>();
+  const int64_t cc = g.c;
+  std::vector<A> ma(m.begin(), m.end()), aa(a.begin(), a.end()), ba(b.begin(), b.end());
+  auto run = [&](auto relu_tag) {
+    constexpr bool R = decltype(relu_tag)::value;
+    for_all(
+        g,
+        [&](int64_t off, int64_t len, int64_t, int64_t ch) {
+          affine_run<T, A, R>(x + off, y + off, len, ma[ch], aa[ch], ba[ch]);
+        },
+        [&](int64_t row, int64_t) {
+          affine_row<T, A, R>(x + row * cc, y + row * cc, cc, ma.data(), aa.data(), ba.data());
+        });
+  };
+  if (relu) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
+  return out;
+}
+
+template <typename F>
+static void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kDouble:
+      f(double{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, "bnkit: unsupported dtype ", dtype);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
+  check_input(input);
+  const Geometry g = geometry_of(input);
+  TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_stats: no values per channel (shape ",
+              input.sizes(), ")");
+  auto opts = input.options().dtype(at::kDouble);
+  at::Tensor mean = at::empty({g.c}, opts);
+  at::Tensor var = at::empty({g.c}, opts);
+  if (g.c > 0) {
+    dispatch_dtype(input.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      statistics<T>(g, g.x.const_data_ptr<T>(), mean.data_ptr<double>(), var.data_ptr<double>());
+    });
+  }
+  const auto out = stats_dtype(input.scalar_type());
+  return {mean.to(out), var.to(out)};
+}
+
+at::Tensor bn_normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
+                        const at::Tensor& shift) {
+  check_input(input);
+  const Geometry g = geometry_of(input);
+  check_vector(mean, g.c, "mean");
+  check_vector(scale, g.c, "scale");
+  check_vector(shift, g.c, "shift");
+  at::Tensor y;
+  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    y = affine_pass<T>(g, values_of<double>(mean), values_of<double>(scale),
+                       values_of<double>(shift), false);
+  });
+  return y;
+}
+
+at::Tensor bn_eval(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                   double eps, bool relu) {
+  check_input(input);
+  const Geometry g = geometry_of(input);
+  check_vector(mean, g.c, "mean");
+  check_vector(var, g.c, "var");
+  if (has(weight)) check_vector(*weight, g.c, "weight");
+  if (has(bias)) check_vector(*bias, g.c, "bias");
+  // Fold in double: a = γ / sqrt(σ² + eps), b = β.
+  const std::vector<double> vv = values_of<double>(var), w = values_of<double>(weight);
+  std::vector<double> a(g.c), b = values_of<double>(bias);
+  if (b.empty()) b.assign(g.c, 0.0);
+  for (int64_t ch = 0; ch < g.c; ++ch) {
+    a[ch] = (w.empty() ? 1.0 : w[ch]) / std::sqrt(vv[ch] + eps);
+  }
+  at::Tensor y;
+  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    y = affine_pass<T>(g, values_of<double>(mean), a, b, relu);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t ghosts, bool strided,
+    const std::optional<at::Tensor>& renorm_mean, const std::optional<at::Tensor>& renorm_std,
+    std::optional<double> rmin, std::optional<double> rmax, std::optional<double> dmax,
+    bool relu) {
+  check_input(input);
+  const Geometry g = geometry_of(input, ghosts, strided);
+  TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_train: no values per channel (shape ",
+              input.sizes(), ")");
+  TORCH_CHECK(has(renorm_mean) == has(renorm_std),
+              "bnkit::bn_train: renorm needs both renorm_mean and renorm_std");
+  Affine f;
+  f.eps = eps;
+  if (has(weight)) check_vector(*weight, g.c, "weight");
+  if (has(bias)) check_vector(*bias, g.c, "bias");
+  f.weight = values_of<double>(weight);
+  f.bias = values_of<double>(bias);
+  if (has(renorm_std)) {
+    check_vector(*renorm_mean, g.c, "renorm_mean");
+    check_vector(*renorm_std, g.c, "renorm_std");
+    f.renorm_mean = values_of<double>(renorm_mean);
+    f.renorm_std = values_of<double>(renorm_std);
+    f.rmin = rmin;
+    f.rmax = rmax;
+    f.dmax = dmax;
+  }
+  const int64_t width = g.ghosts * g.c, rd = f.renorm() ? g.c : 0;
+  std::vector<double> mean(width), var(width), r(rd), d(rd);
+  at::Tensor y = new_like(g.x);
+  if (g.c > 0 && g.x.numel() > 0) {
+    dispatch_dtype(input.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      double* rp = f.renorm() ? r.data() : nullptr;
+      double* dp = f.renorm() ? d.data() : nullptr;
+      if (relu) {
+        train_forward<T, true>(g, f, y.data_ptr<T>(), mean.data(), var.data(), rp, dp);
+      } else {
+        train_forward<T, false>(g, f, y.data_ptr<T>(), mean.data(), var.data(), rp, dp);
+      }
+    });
+  }
+  const auto out = stats_dtype(input.scalar_type());
+  std::vector<int64_t> stat_shape = {g.c};
+  if (g.ghosts != 1) stat_shape = {g.ghosts, g.c};
+  return {y, tensor_of(mean, stat_shape, out), tensor_of(var, stat_shape, out),
+          tensor_of(r, {rd}, out), tensor_of(d, {rd}, out)};
+}
+
+// ------------------------------------------------------------------------------ backward
+
+struct GradTerms {
+  std::vector<double> mean, invstd;        // ghosts * C
+  std::vector<double> weight, r, d;        // C (empty: 1, 1, 0)
+  std::vector<double> grad_mean, grad_var;  // ghosts * C (empty: none)
+};
+
+// Per (ghost, channel) from the sums: gx = a·dy' + b·(x - m) + e with k = γ·r·invstd,
+// a = k, b = -k·invstd²·S2/n + 2·gv/n, e = -k·S1/n + gm/n.
+template <typename A>
+static void grad_coefficients(const GradTerms& t, int64_t i, int64_t ch, double count, double s1,
+                              double s2, A& m, A& a, A& b, A& e) {
+  const double is = t.invstd[i];
+  const double k = (t.weight.empty() ? 1.0 : t.weight[ch]) * (t.r.empty() ? 1.0 : t.r[ch]) * is;
+  double bb = -k * is * is * s2 / count;
+  double ee = -k * s1 / count;
+  if (!t.grad_mean.empty()) ee += t.grad_mean[i] / count;
+  if (!t.grad_var.empty()) bb += 2.0 * t.grad_var[i] / count;
+  m = static_cast<A>(t.mean[i]);
+  a = static_cast<A>(k);
+  b = static_cast<A>(bb);
+  e = static_cast<A>(ee);
+}
+
+template <typename T, bool Relu>
+static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, const T* y, T* gx,
+                           double* s1, double* s2) {
+  using A = typename Acc<T>::type;
+  const T* x = g.x.const_data_ptr<T>();
+  const int64_t cc = g.c, gs = g.ghosts;
+  const double count = static_cast<double>(g.count());
+  if (per_channel_tasks(g, 2)) {
+    at::parallel_for(0, cc, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        for (int64_t gh = 0; gh < gs; ++gh) {
+          const int64_t i = gh * cc + ch;
+          const A mu = static_cast<A>(t.mean[i]);
+          double u1 = 0, u2 = 0;
+          for_each_run(g, gh, ch, [&](int64_t off, int64_t len) {
+            A a1 = 0, a2 = 0;
+            grad_sums<T, A, Relu>(x + off, dy + off, y + off, len, mu, a1, a2);
+            u1 += a1;
+            u2 += a2;
+          });
+          s1[i] = u1;
+          s2[i] = u2;
+          A m, a, b, e;
+          grad_coefficients<A>(t, i, ch, count, u1, u2, m, a, b, e);
+          for_each_run(g, gh, ch, [&](int64_t off, int64_t len) {
+            grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m, a, b, e);
+          });
+        }
+      }
+    });
+    return;
+  }
+  if (shared_channel_tasks(g, 2)) {
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      for (int64_t gh = 0; gh < gs; ++gh) {
+        const int64_t i = gh * cc + ch;
+        const A mu = static_cast<A>(t.mean[i]);
+        shared_sums<A>(g, gh, ch, s1[i], s2[i], [&](A& a1, A& a2, int64_t off, int64_t len) {
+          grad_sums<T, A, Relu>(x + off, dy + off, y + off, len, mu, a1, a2);
+        });
+        A m, a, b, e;
+        grad_coefficients<A>(t, i, ch, count, s1[i], s2[i], m, a, b, e);
+        shared_apply(g, gh, ch, [&](int64_t off, int64_t len) {
+          grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m, a, b, e);
+        });
+      }
+    }
+    return;
+  }
+  const int64_t width = gs * cc;
+  std::vector<A> mu(width);
+  for (int64_t i = 0; i < width; ++i) mu[i] = static_cast<A>(t.mean[i]);
+  if (g.rows) {
+    row_sums<A>(g, s1, s2, [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
+      const A* mm = mu.data() + gh * cc;
+      for (int64_t r = begin; r < end; ++r) {
+        const T* p = x + r * cc;
+        const T* gp = dy + r * cc;
+        const T* yp = y + r * cc;
+#pragma omp simd
+        for (int64_t ch = 0; ch < cc; ++ch) {
+          A gi = static_cast<A>(gp[ch]);
+          if constexpr (Relu) gi = static_cast<A>(yp[ch]) > A(0) ? gi : A(0);
+          q1[ch] += gi;
+          q2[ch] += gi * (static_cast<A>(p[ch]) - mm[ch]);
+        }
+      }
+    });
+  } else {
+    block_sums<A>(g, s1, s2,
+                         [&](A& a1, A& a2, int64_t off, int64_t len, int64_t gh, int64_t ch) {
+                           grad_sums<T, A, Relu>(x + off, dy + off, y + off, len,
+                                                 mu[gh * cc + ch], a1, a2);
+                         });
+  }
+  std::vector<A> m(width), a(width), b(width), e(width);
+  for (int64_t gh = 0; gh < gs; ++gh) {
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      const int64_t i = gh * cc + ch;
+      grad_coefficients<A>(t, i, ch, count, s1[i], s2[i], m[i], a[i], b[i], e[i]);
+    }
+  }
+  for_all(
+      g,
+      [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+        const int64_t i = gh * cc + ch;
+        grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m[i], a[i], b[i], e[i]);
+      },
+      [&](int64_t row, int64_t gh) {
+        const int64_t i = gh * cc, o = row * cc;
+        grad_row<T, A, Relu>(x + o, dy + o, y + o, gx + o, cc, m.data() + i, a.data() + i,
+                             b.data() + i, e.data() + i);
+      });
+}
+
+// t in the memory layout of the geometry's x (equal strides), copying only when needed.
+static at::Tensor like_geometry(const at::Tensor& t, const Geometry& g) {
+  if (t.strides() == g.x.strides()) return t;
+  if (g.rows && !g.x.is_contiguous()) {
     at::Tensor moved = t.movedim(1, -1).contiguous().movedim(-1, 1);
-    TORCH_CHECK(moved.strides() == v.x.strides(), "bnkit: unexpected grad_out strides");
+    TORCH_CHECK(moved.strides() == g.x.strides(), "bnkit: unexpected gradient strides");
     return moved;
   }
   return t.contiguous();
 }
 
-template <typename scalar_t>
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const View& v, const at::Tensor& dy_in, const at::Tensor& mean, const at::Tensor& invstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& grad_mean,
-    const std::optional<at::Tensor>& grad_var) {
-  const int64_t c_count = v.channels;
-  const at::Tensor dy = like_view(dy_in.to(v.x.scalar_type()), v);
-  const std::vector<scalar_t> m = channel_values<scalar_t>(mean);
-  const std::vector<double> is = channel_values<double>(invstd);
-  const bool has_w = weight.has_value() && weight->defined();
-  if (has_w) check_channel_vector(*weight, v, "weight");
-  const std::vector<double> w = has_w ? channel_values<double>(*weight) : std::vector<double>();
-  const bool has_gm = grad_mean.has_value() && grad_mean->defined();
-  const bool has_gv = grad_var.has_value() && grad_var->defined();
-  if (has_gm) check_channel_vector(*grad_mean, v, "grad_mean");
-  if (has_gv) check_channel_vector(*grad_var, v, "grad_var");
-  const std::vector<double> gm =
-      has_gm ? channel_values<double>(*grad_mean) : std::vector<double>();
-  const std::vector<double> gv = has_gv ? channel_values<double>(*grad_var) : std::vector<double>();
-  std::vector<double> sum_dy(c_count, 0.0), sum_dyx(c_count, 0.0);
-  at::Tensor gx = output_like(v, v.x);
-  const int64_t n = v.outer * v.inner;
-  if (v.x.numel() > 0) {
-    backward_sums<scalar_t>(v, v.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-                            m.data(), sum_dy.data(), sum_dyx.data());
-    const double count = static_cast<double>(n);
-    std::vector<scalar_t> a(c_count), b(c_count), d(c_count);
-    for (int64_t c = 0; c < c_count; ++c) {
-      const double k = (has_w ? w[c] : 1.0) * is[c];  // γ·invstd
-      // grad_x = k·(dy - Σdy/n - x̂·Σdy·x̂/n), x̂ = (x - μ)·invstd, Σdy·x̂ = invstd·Σdy(x - μ);
-      // plus the mean and (biased) variance outputs' own gradients: gm/n + 2·gv·(x - μ)/n.
-      double bc = -k * is[c] * is[c] * sum_dyx[c] / count;
-      double dc = -k * sum_dy[c] / count;
-      if (has_gm) dc += gm[c] / count;
-      if (has_gv) bc += 2.0 * gv[c] / count;
-      a[c] = static_cast<scalar_t>(k);
-      b[c] = static_cast<scalar_t>(bc);
-      d[c] = static_cast<scalar_t>(dc);
-    }
-    backward_apply<scalar_t>(v, v.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-                             gx.data_ptr<scalar_t>(), m.data(), a.data(), b.data(), d.data());
-  }
-  auto opts = v.x.options().dtype(at::kDouble);
-  at::Tensor grad_bias = at::empty({c_count}, opts);
-  at::Tensor grad_weight = at::empty({c_count}, opts);
-  double* gb = grad_bias.data_ptr<double>();
-  double* gw = grad_weight.data_ptr<double>();
-  for (int64_t c = 0; c < c_count; ++c) {
-    gb[c] = sum_dy[c];
-    gw[c] = sum_dyx[c] * is[c];
-  }
-  const auto dtype = v.x.scalar_type();
-  return {gx, grad_weight.to(dtype), grad_bias.to(dtype)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& grad_mean, const std::optional<at::Tensor>& grad_var) {
+    const std::optional<at::Tensor>& grad_mean, const std::optional<at::Tensor>& grad_var,
+    int64_t ghosts, bool strided, const std::optional<at::Tensor>& r,
+    const std::optional<at::Tensor>& d, const std::optional<at::Tensor>& output) {
   check_input(input);
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnkit::bn_backward: grad_out shape ",
               grad_out.sizes(), " differs from x shape ", input.sizes());
   TORCH_CHECK(grad_out.device().is_cpu(), "bnkit: CPU tensors only");
-  const View v = view_of(input);
-  TORCH_CHECK(v.channels == 0 || v.outer * v.inner > 0,
-              "bnkit::bn_backward: no values per channel (shape ", input.sizes(), ")");
-  check_channel_vector(mean, v, "mean");
-  check_channel_vector(invstd, v, "invstd");
-  if (input.scalar_type() == at::kFloat) {
-    return backward_impl<float>(v, grad_out, mean, invstd, weight, grad_mean, grad_var);
+  const Geometry g = geometry_of(input, ghosts, strided);
+  TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_backward: no values per channel (shape ",
+              input.sizes(), ")");
+  const int64_t width = g.ghosts * g.c;
+  check_vector(mean, width, "mean");
+  check_vector(invstd, width, "invstd");
+  if (has(weight)) check_vector(*weight, g.c, "weight");
+  if (has(grad_mean)) check_vector(*grad_mean, width, "grad_mean");
+  if (has(grad_var)) check_vector(*grad_var, width, "grad_var");
+  TORCH_CHECK(has(r) == has(d), "bnkit::bn_backward: renorm needs both r and d");
+  if (has(r)) {
+    check_vector(*r, g.c, "r");
+    check_vector(*d, g.c, "d");
   }
-  return backward_impl<double>(v, grad_out, mean, invstd, weight, grad_mean, grad_var);
+  if (has(output)) {
+    TORCH_CHECK(output->sizes() == input.sizes(), "bnkit::bn_backward: output shape ",
+                output->sizes(), " differs from x shape ", input.sizes());
+  }
+  GradTerms t;
+  t.mean = values_of<double>(mean);
+  t.invstd = values_of<double>(invstd);
+  t.weight = values_of<double>(weight);
+  t.r = values_of<double>(r);
+  t.d = values_of<double>(d);
+  t.grad_mean = values_of<double>(grad_mean);
+  t.grad_var = values_of<double>(grad_var);
+  const auto dtype = input.scalar_type();
+  const at::Tensor dy = like_geometry(grad_out.to(dtype), g);
+  const at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  std::vector<double> s1(width, 0.0), s2(width, 0.0);
+  at::Tensor gx = new_like(g.x);
+  if (g.x.numel() > 0) {
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      if (has(output)) {
+        train_backward<T, true>(g, t, dy.const_data_ptr<T>(), y.const_data_ptr<T>(),
+                                gx.data_ptr<T>(), s1.data(), s2.data());
+      } else {
+        train_backward<T, false>(g, t, dy.const_data_ptr<T>(), y.const_data_ptr<T>(),
+                                 gx.data_ptr<T>(), s1.data(), s2.data());
+      }
+    });
+  }
+  // dβ = Σ_g S1; dγ = Σ_g (r·invstd·S2 + d·S1), the gradient of γ·(x̂·r + d).
+  std::vector<double> gb(g.c, 0.0), gw(g.c, 0.0);
+  for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      const int64_t i = gh * g.c + ch;
+      const double rr = t.r.empty() ? 1.0 : t.r[ch], dd = t.d.empty() ? 0.0 : t.d[ch];
+      gb[ch] += s1[i];
+      gw[ch] += rr * t.invstd[i] * s2[i] + dd * s1[i];
+    }
+  }
+  const auto out = stats_dtype(dtype);
+  return {gx, tensor_of(gw, {g.c}, out), tensor_of(gb, {g.c}, out)};
 }
 
-// ------------------------------------------------------------------------------ training forward
+// ------------------------------------------------------------------------------ autograd
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_train(const at::Tensor& input,
-                                                        const std::optional<at::Tensor>& weight,
-                                                        const std::optional<at::Tensor>& bias,
-                                                        double eps) {
-  check_input(input);
-  auto [mean, var] = bn_stats(input);
-  const View v = view_of(input);
-  // The normalize is bn_eval's pass with the batch statistics (fold in double).
-  at::Tensor y = input.scalar_type() == at::kFloat
-                     ? eval_impl<float>(v, mean, var, weight, bias, eps)
-                     : eval_impl<double>(v, mean, var, weight, bias, eps);
-  return {y, mean, var};
+// The autograd formula of bn_train, in C++ so a training step pays no Python on the way in
+// or out. y depends on x, γ, β (r and d are constants); mean and var are differentiable
+// outputs too (their gradients fold into bn_backward's coefficients); r and d are not.
+class TrainFunction : public torch::autograd::Function<TrainFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+      int64_t ghosts, bool strided, const std::optional<at::Tensor>& renorm_mean,
+      const std::optional<at::Tensor>& renorm_std, std::optional<double> rmin,
+      std::optional<double> rmax, std::optional<double> dmax, bool relu) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnkit::bn_train", "")
+                         .typed<decltype(bn_train)>();
+    auto [y, mean, var, r, d] = op.call(x, weight, bias, eps, ghosts, strided, renorm_mean,
+                                        renorm_std, rmin, rmax, dmax, relu);
+    const bool renorm = has(renorm_std);
+    // r and d are saved from the forward: the renorm buffers are updated in place after it.
+    ctx->save_for_backward({x, has(weight) ? *weight : at::Tensor(), mean, var,
+                            renorm ? r : at::Tensor(), renorm ? d : at::Tensor(),
+                            relu ? y : at::Tensor()});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["ghosts"] = ghosts;
+    ctx->saved_data["strided"] = strided;
+    ctx->saved_data["bias"] = has(bias);
+    ctx->mark_non_differentiable({r, d});
+    return {y, mean, var, r, d};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
+    const at::Tensor &r = saved[4], &d = saved[5], &y = saved[6];
+    auto opt = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    const at::Tensor invstd = at::rsqrt(var + ctx->saved_data["eps"].toDouble());
+    at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnkit::bn_backward", "")
+                         .typed<decltype(bn_backward)>();
+    auto [gx, gw, gb] = op.call(grad_y, x, mean, invstd, opt(weight), opt(grads[1]),
+                                opt(grads[2]), ctx->saved_data["ghosts"].toInt(),
+                                ctx->saved_data["strided"].toBool(), opt(r), opt(d), opt(y));
+    torch::autograd::variable_list out(12);
+    out[0] = gx;
+    if (weight.defined()) out[1] = gw.to(weight.scalar_type());
+    if (ctx->saved_data["bias"].toBool()) out[2] = gb;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_autograd(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t ghosts, bool strided,
+    const std::optional<at::Tensor>& renorm_mean, const std::optional<at::Tensor>& renorm_std,
+    std::optional<double> rmin, std::optional<double> rmax, std::optional<double> dmax,
+    bool relu) {
+  auto out = TrainFunction::apply(input, weight, bias, eps, ghosts, strided, renorm_mean,
+                                  renorm_std, rmin, rmax, dmax, relu);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+// ------------------------------------------------------------------------------ pool control
+
+int64_t pool_cached_bytes() { return OutputPool::instance().cached_bytes(); }
+
+int64_t pool_set_limit(int64_t bytes) {
+  OutputPool& pool = OutputPool::instance();
+  const int64_t old = pool.limit();
+  pool.set_limit(bytes);
+  return old;
 }
 
 }  // namespace bnkit_cpu
@@ -596,18 +1246,29 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
   m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("bn_normalize(Tensor x, Tensor mean, Tensor scale, Tensor shift) -> Tensor");
   m.def(
-      "bn_eval(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> "
-      "Tensor");
+      "bn_eval(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+      "bool relu=False) -> Tensor");
+  m.def(
+      "bn_train(Tensor x, Tensor? weight, Tensor? bias, float eps, int ghosts=1, "
+      "bool strided=False, Tensor? renorm_mean=None, Tensor? renorm_std=None, "
+      "float? rmin=None, float? rmax=None, float? dmax=None, bool relu=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-      "Tensor? grad_mean=None, Tensor? grad_var=None) -> (Tensor, Tensor, Tensor)");
-  m.def("bn_train(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+      "Tensor? grad_mean=None, Tensor? grad_var=None, int ghosts=1, bool strided=False, "
+      "Tensor? r=None, Tensor? d=None, Tensor? output=None) -> (Tensor, Tensor, Tensor)");
+  m.def("pool_cached_bytes() -> int", &bnkit_cpu::pool_cached_bytes);
+  m.def("pool_set_limit(int bytes) -> int", &bnkit_cpu::pool_set_limit);
 }
 
 TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
   m.impl("bn_stats", &bnkit_cpu::bn_stats);
   m.impl("bn_normalize", &bnkit_cpu::bn_normalize);
   m.impl("bn_eval", &bnkit_cpu::bn_eval);
-  m.impl("bn_backward", &bnkit_cpu::bn_backward);
   m.impl("bn_train", &bnkit_cpu::bn_train);
+  m.impl("bn_backward", &bnkit_cpu::bn_backward);
+}
+
+TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {
+  m.impl("bn_train", &bnkit_cpu::bn_train_autograd);
 }

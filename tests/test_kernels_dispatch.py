@@ -1,0 +1,280 @@
+"""bnkit.BatchNorm and functional.batch_norm on the C++ kernels (policy ``kernels="cpp"``).
+
+Every configuration the kernels serve is run twice, on PyTorch's kernels / the composite (the
+default policy) and on the C++ kernels, over three training steps and an eval step: outputs,
+gradients and every buffer agree to float rounding. A counter on ``cpp.train``/``cpp.bn_eval``
+proves which path ran.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+import bnkit
+from bnkit import functional as bnf
+from bnkit.kernels import cpp
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    if not cpp.available():
+        pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts calls of the C++ training and eval entry points."""
+    counts = {"train": 0, "eval": 0}
+    train, bn_eval = cpp.train, cpp.bn_eval
+
+    def counting_train(*args: Any, **kwargs: Any) -> cpp.TrainOutput:
+        counts["train"] += 1
+        return train(*args, **kwargs)
+
+    def counting_eval(*args: Any, **kwargs: Any) -> torch.Tensor:
+        counts["eval"] += 1
+        return bn_eval(*args, **kwargs)
+
+    monkeypatch.setattr(cpp, "train", counting_train)
+    monkeypatch.setattr(cpp, "bn_eval", counting_eval)
+    return counts
+
+
+CONFIGS: list[dict[str, Any]] = [
+    {},
+    {"affine": False},
+    {"momentum": None},
+    {"running_var": "biased", "warmup": True},
+    {"zero_debias": "both"},
+    {"renorm": True},
+    {"renorm": True, "renorm_clipping": {"rmin": 0.8, "rmax": 1.2, "dmax": 0.3}},
+    {"virtual_batch_size": 4},
+    {"virtual_batch_size": 4, "ghost_layout": "strided"},
+    {"virtual_batch_size": 4, "renorm": True, "renorm_clipping": {"rmax": 1.1, "dmax": 0.2}},
+    {"activation": "relu"},
+    {"activation": "silu"},
+    {"axis": -1},
+    {"axis": -1, "virtual_batch_size": 8, "activation": "relu"},
+    {"track_running_stats": False},
+]
+
+TOLERANCES = {
+    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
+    torch.float64: {"rtol": 1e-9, "atol": 1e-9},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 3e-2},
+}
+
+
+def _input(cfg: dict[str, Any], dtype: torch.dtype, layout: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    shape = (16, 6, 5, 5) if cfg.get("axis", 1) == 1 else (16, 5, 6)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    if layout == "channels_last" and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(dtype)
+
+
+def _pair(cfg: dict[str, Any], dtype: torch.dtype) -> tuple[bnkit.BatchNorm, bnkit.BatchNorm]:
+    torch.manual_seed(3)
+    ref = bnkit.BatchNorm(6, **cfg)
+    fast = bnkit.BatchNorm(6, **cfg)
+    if ref.weight is not None:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-0.5, 0.5)  # type: ignore[union-attr]
+    fast.load_state_dict(ref.state_dict())
+    return ref.to(dtype), fast.to(dtype)
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=repr)
+def test_module_on_cpp_kernels_matches_default(
+    cfg: dict[str, Any], dtype: torch.dtype, layout: str, calls: dict[str, int]
+) -> None:
+    tol = TOLERANCES[dtype]
+    ref, fast = _pair(cfg, dtype)
+    x = _input(cfg, dtype, layout)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = ref(xa)
+        with bnkit.policy(kernels="cpp"):
+            yb = fast(xb)
+        assert yb.dtype == ya.dtype
+        assert yb.stride() == ya.stride()
+        grad = torch.randn(ya.shape, generator=gen, dtype=torch.float64).to(dtype)
+        ya.backward(grad)
+        yb.backward(grad)
+        torch.testing.assert_close(yb, ya, **tol)
+        torch.testing.assert_close(xb.grad, xa.grad, **tol)
+        for pa, pb in zip(ref.parameters(), fast.parameters(), strict=True):
+            # γ/β gradients are sums over the batch: in bfloat16 their rounding differs by a
+            # few units in the last place of the largest term (both paths are that far from
+            # float64, checked when this test was written).
+            ptol = {"rtol": 2e-2, "atol": 0.15} if dtype == torch.bfloat16 else tol
+            torch.testing.assert_close(pb.grad, pa.grad, **ptol)
+    assert calls["train"] == 3
+    for (name, a), (_, b) in zip(ref.state_dict().items(), fast.state_dict().items(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(a, b), name
+    ref.eval()
+    fast.eval()
+    with torch.no_grad():
+        ya = ref(x)
+        with bnkit.policy(kernels="cpp"):
+            yb = fast(x)
+    torch.testing.assert_close(yb, ya, **tol)
+    assert calls["eval"] == (0 if cfg.get("track_running_stats") is False else 1)
+
+
+@pytest.mark.usefixtures("built")
+def test_default_policy_never_calls_the_cpp_kernels(calls: dict[str, int]) -> None:
+    layer = bnkit.BatchNorm2d(4)
+    layer(torch.randn(8, 4, 3, 3))
+    layer.eval()
+    layer(torch.randn(8, 4, 3, 3))
+    assert calls == {"train": 0, "eval": 0}
+    assert bnkit.get_policy("kernels") == "torch"
+
+
+@pytest.mark.usefixtures("built")
+def test_layer_policy_wins_over_the_block(calls: dict[str, int]) -> None:
+    x = torch.randn(8, 4, 3, 3)
+    own = bnkit.BatchNorm2d(4, policy={"kernels": "cpp"})
+    own(x)
+    assert calls["train"] == 1
+    opted_out = bnkit.BatchNorm2d(4, policy={"kernels": "torch"})
+    with bnkit.policy(kernels="cpp"):
+        y = opted_out(x)
+    assert calls["train"] == 1
+    assert torch.equal(y, torch.nn.BatchNorm2d(4)(x))  # still bit-identical to torch
+
+
+@pytest.mark.usefixtures("built")
+def test_eval_with_gradient_stays_differentiable(calls: dict[str, int]) -> None:
+    layer = bnkit.BatchNorm2d(4).eval()
+    x = torch.randn(8, 4, 3, 3, requires_grad=True)
+    with bnkit.policy(kernels="cpp"):
+        y = layer(x)
+    y.sum().backward()
+    assert calls["eval"] == 0  # the C++ eval pass has no gradient: PyTorch's kernel ran
+    assert x.grad is not None
+
+
+@pytest.mark.usefixtures("built")
+def test_configurations_the_kernels_do_not_serve_fall_through(calls: dict[str, int]) -> None:
+    x = torch.randn(8, 4, 3, 3)
+    with bnkit.policy(kernels="cpp"):
+        y = bnf.batch_norm(x, training=True, weights=torch.rand(8))
+        ref = bnf.batch_norm(x, training=True, weights=torch.rand(8).new_ones(8))
+        bnf.batch_norm(x, training=True, adjustment=lambda shape: (torch.ones(4), 0.0))
+    assert calls["train"] == 0
+    assert y.shape == x.shape
+    assert ref.shape == x.shape
+
+
+@pytest.mark.usefixtures("built")
+def test_impl_cpp_in_functional(calls: dict[str, int]) -> None:
+    x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y, stats = bnf.batch_norm(x, rm, rv, training=True, momentum=0.1, impl="cpp", return_stats=True)
+    y_ref, stats_ref = bnf.batch_norm(
+        x, rm2, rv2, training=True, momentum=0.1, impl="reference", return_stats=True
+    )
+    assert calls["train"] == 1
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(stats, stats_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rm, rm2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rv, rv2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("built")
+def test_compiled_module_on_cpp_kernels() -> None:
+    torch.manual_seed(0)
+    cfg: dict[str, Any] = {"renorm": True, "virtual_batch_size": 4, "activation": "relu"}
+    eager, compiled_layer = bnkit.BatchNorm(6, **cfg), bnkit.BatchNorm(6, **cfg)
+    compiled_layer.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(16, 6, 4, 4)
+    with bnkit.policy(kernels="cpp"):
+        for _ in range(2):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = eager(xa), compiled(xb)
+            ya.sum().backward()
+            yb.sum().backward()
+            torch.testing.assert_close(yb, ya)
+            torch.testing.assert_close(xb.grad, xa.grad)
+    for a, b in zip(eager.state_dict().values(), compiled_layer.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a)
+
+
+def test_unbuildable_kernels_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpp, "_state", {"loaded": False, "error": None, "warned": False})
+
+    def fail() -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp, "_build", fail)
+    x = torch.randn(8, 4, 3, 3)
+    layer = bnkit.BatchNorm2d(4)
+    with bnkit.policy(kernels="cpp"):
+        with pytest.warns(cpp.CppKernelWarning, match="no compiler here"):
+            y = layer(x)
+        again = layer(x)  # no second warning (filterwarnings=error would raise)
+    torch.testing.assert_close(y, torch.nn.BatchNorm2d(4)(x))
+    assert again.shape == x.shape
+
+
+def test_kernels_policy_is_validated() -> None:
+    with pytest.raises(ValueError, match="kernels='fast' is not one of"):
+        bnkit.set_policy(kernels="fast")
+
+
+@pytest.mark.usefixtures("built")
+def test_bench_kernels_cpp_runs_the_module_rows_on_the_kernels(
+    capsys: pytest.CaptureFixture[str], calls: dict[str, int]
+) -> None:
+    from bnkit import bench
+    from bnkit.cli import main
+
+    argv = ["bench", "--kernels", "cpp", "--quick", "--json", "--no-memory"]
+    assert main([*argv, "--shapes", "8x3x4x4", "--configs", "default,weights,ghost"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["meta"]["kernels"] == "cpp"
+    assert "--kernels cpp" in report["meta"]["command"]
+    rows = report["results"]
+    assert {r["path"] for r in rows if r["config"] != "weights"} == {"cpp"}
+    assert {r["path"] for r in rows if r["config"] == "weights"} == {"kernels, weighted"}
+    for r in rows:
+        assert r["copy_target"] == bench.CPP_COPY_TARGETS[r["mode"]]
+        assert r["target"] == 1.0
+        within = r["bnkit_vs_torch"] <= 1.0 and r["bnkit_vs_copy"] <= r["copy_target"]
+        assert r["meets_target"] == within
+    assert calls["train"] > 0
+    assert calls["eval"] > 0
+
+
+def test_bench_kernels_cpp_says_when_it_fell_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnkit import bench
+
+    monkeypatch.setattr(cpp, "_state", {"loaded": False, "error": None, "warned": False})
+    monkeypatch.setattr(cpp, "_build", lambda: (_ for _ in ()).throw(OSError("no g++")))
+    with pytest.warns(cpp.CppKernelWarning, match="no g\\+\\+"):
+        report = bench.run_benchmark(
+            [(4, 3)], configs=["default"], modes=["fwd"], quick=True, memory=False, kernels="cpp"
+        )
+    assert report.meta["kernels"] == "torch (fallback)"
+    assert report.meta["kernel_build_error"] == "OSError: no g++"
+    assert [r.path for r in report.results] == ["native kernel"]
+    assert report.results[0].copy_target is None
+    assert bench.cpp_speedup(report) is None

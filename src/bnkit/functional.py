@@ -1153,10 +1153,6 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _param(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
-
-
 def _cpp_training_step(
     x: Tensor,
     axis: int,
@@ -1187,8 +1183,8 @@ def _cpp_training_step(
     bounds = [None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")]
     out = cpp.train(
         xt,
-        _param(weight, cdt),
-        _param(bias, cdt),
+        weight if weight is None or weight.dtype == cdt else weight.to(cdt),
+        bias if bias is None or bias.dtype == cdt else bias.to(cdt),
         eps,
         ghosts=ghosts,
         strided=ghost_layout == "strided",
@@ -1199,9 +1195,14 @@ def _cpp_training_step(
         dmax=bounds[2],
         relu=relu,
     )
-    mean, var = out.mean.detach().view(ghosts, -1), out.var.detach().view(ghosts, -1)
-    per_ghost = (xt.shape[0] // ghosts) * (xt[0].numel() // max(xt.shape[1], 1))
-    stats = _summarize(mean, var, torch.full_like(var, float(per_ghost)))
+    # n values per channel per ghost; Bessel's n/(n-1) is a Python number (n is the same for
+    # every ghost and channel), which keeps the per-call work on small inputs down.
+    n = float((xt.shape[0] // ghosts) * (xt[0].numel() // max(xt.shape[1], 1)))
+    mean, var = out.mean.detach(), out.var.detach()
+    var_unbiased = var * (n / max(n - 1.0, 1.0))
+    if ghosts > 1:
+        mean, var, var_unbiased = mean.mean(0), var.mean(0), var_unbiased.mean(0)
+    stats = BatchStats(mean, var, var_unbiased, torch.full_like(var, n))
     if momentum is not None and running_mean is not None and running_var is not None:
         running.assign_moving_average_(running_mean, stats.mean, momentum)
         running.assign_moving_average_(running_var, stats.var_unbiased, momentum)

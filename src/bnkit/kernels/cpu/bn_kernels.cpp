@@ -313,72 +313,46 @@ static bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t-
 
 static int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
 
-// One task per channel (statistics, then the normalize while the channel is in cache) when
-// the channels keep every thread busy, the runs are long enough to stream (short runs spread
-// over N samples are latency-bound) and a channel's values fit comfortably in a core's cache
-// next to its output (`tensors` of them are read per value: 1 forward, 2 backward).
-static bool per_channel_tasks(const Geometry& g, int64_t tensors) {
+// Channels per tile when a training pass works tile by tile: a tile is a group of adjacent
+// channels whose values, with the other tensors read and the output written (`tensors` + 1
+// streams), fit in a core's cache, so the second pass over the tile (normalize, or dx) reads
+// the cache instead of memory. Within a tile the samples are walked in memory order: for
+// each sample the tile's channels are one contiguous run of k·inner values, long enough for
+// the hardware prefetcher even when inner is 7x7. 0: no tiling (the channels-last/2-D
+// layouts, a channel too large for the cache, or too few channels to keep every thread busy).
+static int64_t tile_channels(const Geometry& g, int64_t tensors) {
+  constexpr int64_t kTileBytes = int64_t(1) << 20;
   const int64_t t = num_threads();
-  const int64_t slice_bytes = g.n * g.inner * g.x.element_size() * (tensors + 1);
-  return !g.rows && g.c >= t && (g.c % t == 0 || g.c >= 4 * t) && g.inner >= 128 &&
-         slice_bytes <= (int64_t(512) << 10);
+  if (g.rows || g.c < t) return 0;
+  const int64_t per_channel = g.n * g.inner * g.x.element_size() * (tensors + 1);
+  if (per_channel > kTileBytes) return 0;
+  // Enough tiles for every thread (a multiple of the thread count), each within the budget.
+  const int64_t fit = std::max<int64_t>(1, kTileBytes / per_channel);
+  int64_t tiles = t;
+  while ((g.c + tiles - 1) / tiles > fit) tiles += t;
+  return (g.c + tiles - 1) / tiles;
 }
 
-// One channel at a time with every thread on it (each takes a share of its samples), when a
-// channel is too large for one core's cache but a thread's share of it is not: the second
-// pass over the channel then reads the cache, at the cost of two parallel regions per channel.
-static bool shared_channel_tasks(const Geometry& g, int64_t tensors) {
-  const int64_t t = num_threads();
-  const int64_t slice_bytes = g.n * g.inner * g.x.element_size() * (tensors + 1);
-  return !g.rows && g.inner >= 1024 && g.per_ghost() >= 2 * t && slice_bytes / t <= (int64_t(1536) << 10);
+// Runs tile(c0, c1) over the tiles of k channels in parallel.
+template <typename F>
+static void for_each_tile(const Geometry& g, int64_t k, F&& tile) {
+  const int64_t tiles = (g.c + k - 1) / k;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) tile(i * k, std::min(g.c, (i + 1) * k));
+  });
 }
 
-// Sums over the samples of (ghost, channel) with every thread: each adds its share of the
-// samples' runs (run(a1, a2, offset, length) in the accumulation type) into its own float64
-// slot; the slots are added at the end.
-template <typename A, typename F>
-static void shared_sums(const Geometry& g, int64_t gh, int64_t ch, double& s1, double& s2,
-                        F&& run) {
-  const int threads = num_threads();
-  std::vector<double> t1(threads, 0.0), t2(threads, 0.0);
-  at::parallel_for(0, g.per_ghost(), 1, [&](int64_t begin, int64_t end) {
-    const int tid = threads == 1 ? 0 : at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < threads, "bnkit: unexpected thread id ", tid);
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t base = (g.sample(gh, k) * g.c + ch) * g.inner;
+// f(offset, length, ghost, channel) for every run of channels [c0, c1), samples in memory order.
+template <typename F>
+static void for_each_tile_run(const Geometry& g, int64_t c0, int64_t c1, F&& f) {
+  for (int64_t s = 0; s < g.n; ++s) {
+    const int64_t gh = g.ghost_of(s);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t base = (s * g.c + ch) * g.inner;
       for (int64_t off = 0; off < g.inner; off += kChunk) {
-        A a1 = 0, a2 = 0;
-        run(a1, a2, base + off, std::min(kChunk, g.inner - off));
-        t1[tid] += a1;
-        t2[tid] += a2;
+        f(base + off, std::min(kChunk, g.inner - off), gh, ch);
       }
     }
-  });
-  s1 = s2 = 0;
-  for (int t = 0; t < threads; ++t) {
-    s1 += t1[t];
-    s2 += t2[t];
-  }
-}
-
-// Elementwise pass over (ghost, channel) with every thread: run(offset, length).
-template <typename F>
-static void shared_apply(const Geometry& g, int64_t gh, int64_t ch, F&& run) {
-  at::parallel_for(0, g.per_ghost(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t base = (g.sample(gh, k) * g.c + ch) * g.inner;
-      for (int64_t off = 0; off < g.inner; off += kChunk) run(base + off, std::min(kChunk, g.inner - off));
-    }
-  });
-}
-
-// Calls f(offset, length) for every run (at most kChunk values) of (ghost, channel): blocks.
-template <typename F>
-static void for_each_run(const Geometry& g, int64_t ghost, int64_t ch, F&& f) {
-  const int64_t pg = g.per_ghost(), inner = g.inner;
-  for (int64_t k = 0; k < pg; ++k) {
-    const int64_t base = (g.sample(ghost, k) * g.c + ch) * inner;
-    for (int64_t off = 0; off < inner; off += kChunk) f(base + off, std::min(kChunk, inner - off));
   }
 }
 
@@ -632,6 +606,64 @@ static inline void grad_row(const T* x, const T* dy, const T* y, T* gx, int64_t 
   }
 }
 
+// Adds rows [begin, end) of the (rows, cc) array x, shifted by k, into q1 (Σ) and q2 (Σ²):
+// four rows per update of the accumulators, which are then stored a quarter as often.
+template <typename T, typename A>
+static void shifted_row_sums(const T* x, int64_t cc, int64_t begin, int64_t end, const A* k,
+                             A* q1, A* q2) {
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const T* p0 = x + r * cc;
+    const T *p1 = p0 + cc, *p2 = p1 + cc, *p3 = p2 + cc;
+#pragma omp simd
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      const A d0 = static_cast<A>(p0[ch]) - k[ch], d1 = static_cast<A>(p1[ch]) - k[ch];
+      const A d2 = static_cast<A>(p2[ch]) - k[ch], d3 = static_cast<A>(p3[ch]) - k[ch];
+      q1[ch] += (d0 + d1) + (d2 + d3);
+      q2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; r < end; ++r) {
+    const T* p = x + r * cc;
+#pragma omp simd
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      const A d = static_cast<A>(p[ch]) - k[ch];
+      q1[ch] += d;
+      q2[ch] += d * d;
+    }
+  }
+}
+
+// Adds rows [begin, end) of Σdy' and Σdy'·(x - m) into q1, q2 (dy' = dy, or masked by y > 0).
+template <typename T, typename A, bool Relu>
+static void grad_row_sums(const T* x, const T* dy, const T* y, int64_t cc, int64_t begin,
+                          int64_t end, const A* m, A* q1, A* q2) {
+  auto grad = [&](int64_t i) {
+    A gi = static_cast<A>(dy[i]);
+    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
+    return gi;
+  };
+  int64_t r = begin;
+  for (; r + 2 <= end; r += 2) {
+    const int64_t o0 = r * cc, o1 = o0 + cc;
+#pragma omp simd
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      const A g0 = grad(o0 + ch), g1 = grad(o1 + ch);
+      q1[ch] += g0 + g1;
+      q2[ch] += g0 * (static_cast<A>(x[o0 + ch]) - m[ch]) + g1 * (static_cast<A>(x[o1 + ch]) - m[ch]);
+    }
+  }
+  for (; r < end; ++r) {
+    const int64_t o = r * cc;
+#pragma omp simd
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      const A gi = grad(o + ch);
+      q1[ch] += gi;
+      q2[ch] += gi * (static_cast<A>(x[o + ch]) - m[ch]);
+    }
+  }
+}
+
 // mean = K + S1/n, var = S2/n - (S1/n)^2 (clamped at 0), in double.
 static inline void finish_stats(double k, double s1, double s2, double count, double& mean,
                                 double& var) {
@@ -654,16 +686,7 @@ static void statistics(const Geometry& g, const T* x, double* mean, double* var)
   std::vector<double> s1(width), s2(width);
   if (g.rows) {
     row_sums<A>(g, s1.data(), s2.data(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
-      const A* kk = k.data() + gh * cc;
-      for (int64_t r = begin; r < end; ++r) {
-        const T* p = x + r * cc;
-#pragma omp simd
-        for (int64_t ch = 0; ch < cc; ++ch) {
-          const A d = static_cast<A>(p[ch]) - kk[ch];
-          q1[ch] += d;
-          q2[ch] += d * d;
-        }
-      }
+      shifted_row_sums<T, A>(x, cc, begin, end, k.data() + gh * cc, q1, q2);
     });
   } else {
     block_sums<A>(g, s1.data(), s2.data(),
@@ -734,52 +757,38 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, gs = g.ghosts;
   const double count = static_cast<double>(g.count());
-  if (per_channel_tasks(g, 1)) {
-    // Statistics then normalize, channel by channel: the second read hits the cache.
-    at::parallel_for(0, cc, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> m(gs), a(gs), b(gs);
-      for (int64_t ch = begin; ch < end; ++ch) {
+  if (const int64_t k = tile_channels(g, 1); k > 0) {
+    for_each_tile(g, k, [&](int64_t c0, int64_t c1) {
+      const int64_t w = (c1 - c0) * gs;  // (channel, ghost) pairs of the tile
+      std::vector<A> shift(w), m(w), a(w), b(w);
+      std::vector<double> s1(w, 0.0), s2(w, 0.0);
+      for (int64_t ch = c0; ch < c1; ++ch) {
         for (int64_t gh = 0; gh < gs; ++gh) {
-          const A k = static_cast<A>(x[g.first(gh, ch)]);
-          double s1 = 0, s2 = 0;
-          for_each_run(g, gh, ch, [&](int64_t off, int64_t len) {
-            A a1 = 0, a2 = 0;
-            shifted_sums<T, A>(x + off, len, k, a1, a2);
-            s1 += a1;
-            s2 += a2;
-          });
-          finish_stats(static_cast<double>(k), s1, s2, count, mean[gh * cc + ch],
+          shift[(ch - c0) * gs + gh] = static_cast<A>(x[g.first(gh, ch)]);
+        }
+      }
+      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+        const int64_t i = (ch - c0) * gs + gh;
+        A a1 = 0, a2 = 0;
+        shifted_sums<T, A>(x + off, len, shift[i], a1, a2);
+        s1[i] += a1;
+        s2[i] += a2;
+      });
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        for (int64_t gh = 0; gh < gs; ++gh) {
+          const int64_t i = (ch - c0) * gs + gh;
+          finish_stats(static_cast<double>(shift[i]), s1[i], s2[i], count, mean[gh * cc + ch],
                        var[gh * cc + ch]);
         }
-        forward_coefficients<A>(f, gs, cc, ch, mean, var, m.data(), a.data(), b.data(), r, d);
-        for (int64_t gh = 0; gh < gs; ++gh) {
-          for_each_run(g, gh, ch, [&](int64_t off, int64_t len) {
-            affine_run<T, A, Relu>(x + off, y + off, len, m[gh], a[gh], b[gh]);
-          });
-        }
+        const int64_t i0 = (ch - c0) * gs;
+        forward_coefficients<A>(f, gs, cc, ch, mean, var, m.data() + i0, a.data() + i0,
+                                b.data() + i0, r, d);
       }
+      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+        const int64_t i = (ch - c0) * gs + gh;
+        affine_run<T, A, Relu>(x + off, y + off, len, m[i], a[i], b[i]);
+      });
     });
-    return;
-  }
-  if (shared_channel_tasks(g, 1)) {
-    std::vector<A> m(gs), a(gs), b(gs);
-    for (int64_t ch = 0; ch < cc; ++ch) {
-      for (int64_t gh = 0; gh < gs; ++gh) {
-        const A k = static_cast<A>(x[g.first(gh, ch)]);
-        double s1, s2;
-        shared_sums<A>(g, gh, ch, s1, s2, [&](A& a1, A& a2, int64_t off, int64_t len) {
-          shifted_sums<T, A>(x + off, len, k, a1, a2);
-        });
-        finish_stats(static_cast<double>(k), s1, s2, count, mean[gh * cc + ch],
-                     var[gh * cc + ch]);
-      }
-      forward_coefficients<A>(f, gs, cc, ch, mean, var, m.data(), a.data(), b.data(), r, d);
-      for (int64_t gh = 0; gh < gs; ++gh) {
-        shared_apply(g, gh, ch, [&](int64_t off, int64_t len) {
-          affine_run<T, A, Relu>(x + off, y + off, len, m[gh], a[gh], b[gh]);
-        });
-      }
-    }
     return;
   }
   statistics<T>(g, x, mean, var);
@@ -996,46 +1005,36 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, gs = g.ghosts;
   const double count = static_cast<double>(g.count());
-  if (per_channel_tasks(g, 2)) {
-    at::parallel_for(0, cc, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t ch = begin; ch < end; ++ch) {
+  if (const int64_t k = tile_channels(g, 2); k > 0) {
+    for_each_tile(g, k, [&](int64_t c0, int64_t c1) {
+      const int64_t w = (c1 - c0) * gs;
+      std::vector<A> mu(w), m(w), a(w), b(w), e(w);
+      std::vector<double> u1(w, 0.0), u2(w, 0.0);
+      for (int64_t ch = c0; ch < c1; ++ch) {
         for (int64_t gh = 0; gh < gs; ++gh) {
-          const int64_t i = gh * cc + ch;
-          const A mu = static_cast<A>(t.mean[i]);
-          double u1 = 0, u2 = 0;
-          for_each_run(g, gh, ch, [&](int64_t off, int64_t len) {
-            A a1 = 0, a2 = 0;
-            grad_sums<T, A, Relu>(x + off, dy + off, y + off, len, mu, a1, a2);
-            u1 += a1;
-            u2 += a2;
-          });
-          s1[i] = u1;
-          s2[i] = u2;
-          A m, a, b, e;
-          grad_coefficients<A>(t, i, ch, count, u1, u2, m, a, b, e);
-          for_each_run(g, gh, ch, [&](int64_t off, int64_t len) {
-            grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m, a, b, e);
-          });
+          mu[(ch - c0) * gs + gh] = static_cast<A>(t.mean[gh * cc + ch]);
         }
       }
-    });
-    return;
-  }
-  if (shared_channel_tasks(g, 2)) {
-    for (int64_t ch = 0; ch < cc; ++ch) {
-      for (int64_t gh = 0; gh < gs; ++gh) {
-        const int64_t i = gh * cc + ch;
-        const A mu = static_cast<A>(t.mean[i]);
-        shared_sums<A>(g, gh, ch, s1[i], s2[i], [&](A& a1, A& a2, int64_t off, int64_t len) {
-          grad_sums<T, A, Relu>(x + off, dy + off, y + off, len, mu, a1, a2);
-        });
-        A m, a, b, e;
-        grad_coefficients<A>(t, i, ch, count, s1[i], s2[i], m, a, b, e);
-        shared_apply(g, gh, ch, [&](int64_t off, int64_t len) {
-          grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m, a, b, e);
-        });
+      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+        const int64_t i = (ch - c0) * gs + gh;
+        A a1 = 0, a2 = 0;
+        grad_sums<T, A, Relu>(x + off, dy + off, y + off, len, mu[i], a1, a2);
+        u1[i] += a1;
+        u2[i] += a2;
+      });
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        for (int64_t gh = 0; gh < gs; ++gh) {
+          const int64_t i = (ch - c0) * gs + gh, j = gh * cc + ch;
+          s1[j] = u1[i];
+          s2[j] = u2[i];
+          grad_coefficients<A>(t, j, ch, count, u1[i], u2[i], m[i], a[i], b[i], e[i]);
+        }
       }
-    }
+      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+        const int64_t i = (ch - c0) * gs + gh;
+        grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m[i], a[i], b[i], e[i]);
+      });
+    });
     return;
   }
   const int64_t width = gs * cc;
@@ -1043,19 +1042,7 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
   for (int64_t i = 0; i < width; ++i) mu[i] = static_cast<A>(t.mean[i]);
   if (g.rows) {
     row_sums<A>(g, s1, s2, [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
-      const A* mm = mu.data() + gh * cc;
-      for (int64_t r = begin; r < end; ++r) {
-        const T* p = x + r * cc;
-        const T* gp = dy + r * cc;
-        const T* yp = y + r * cc;
-#pragma omp simd
-        for (int64_t ch = 0; ch < cc; ++ch) {
-          A gi = static_cast<A>(gp[ch]);
-          if constexpr (Relu) gi = static_cast<A>(yp[ch]) > A(0) ? gi : A(0);
-          q1[ch] += gi;
-          q2[ch] += gi * (static_cast<A>(p[ch]) - mm[ch]);
-        }
-      }
+      grad_row_sums<T, A, Relu>(x, dy, y, cc, begin, end, mu.data() + gh * cc, q1, q2);
     });
   } else {
     block_sums<A>(g, s1, s2,

@@ -278,3 +278,56 @@ def test_bench_kernels_cpp_says_when_it_fell_back(monkeypatch: pytest.MonkeyPatc
     assert [r.path for r in report.results] == ["native kernel"]
     assert report.results[0].copy_target is None
     assert bench.cpp_speedup(report) is None
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("ghosts", [1, 2])
+def test_running_update_inside_the_kernel_matches_pytorch_rule(ghosts: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 3, 4, 5, generator=gen, dtype=torch.float64) * 3 + 1
+    running_mean = torch.randn(3, generator=gen, dtype=torch.float64)
+    running_var = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    expected_mean, expected_var = running_mean.clone(), running_var.clone()
+    version = running_mean._version
+    cpp.train(x, ghosts=ghosts, running_mean=running_mean, running_var=running_var, momentum=0.3)
+    # Closed form: per ghost, mean and Bessel-corrected variance over (samples, H, W), then
+    # averaged over ghosts; stat += 0.3 (batch - stat).
+    parts = x.reshape(ghosts, 8 // ghosts, 3, 20).transpose(1, 2).reshape(ghosts, 3, -1)
+    batch_mean = parts.mean(-1).mean(0)
+    batch_var = parts.var(-1, correction=1).mean(0)
+    expected_mean += 0.3 * (batch_mean - expected_mean)
+    expected_var += 0.3 * (batch_var - expected_var)
+    torch.testing.assert_close(running_mean, expected_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(running_var, expected_var, rtol=1e-12, atol=1e-12)
+    assert running_mean._version > version  # autograd sees the in-place update
+
+
+@pytest.mark.usefixtures("built")
+def test_train_op_with_running_buffers_passes_opcheck() -> None:
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    args = (x, None, None, 1e-5, 1, False, None, None, None, None, None, False)
+    buffers = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), 0.1)
+    torch.library.opcheck(torch.ops.bnkit.bn_train.default, (*args, *buffers))
+
+
+@pytest.mark.usefixtures("built")
+def test_running_buffers_are_checked() -> None:
+    x = torch.randn(6, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="running_mean must be a contiguous float32"):
+        cpp.train(x, running_mean=torch.zeros(4).half(), running_var=torch.ones(4))
+    with pytest.raises(RuntimeError, match="give both running_mean and running_var"):
+        cpp.train(x, running_mean=torch.zeros(4))
+
+
+@pytest.mark.usefixtures("built")
+def test_compiled_default_layer_updates_running_statistics() -> None:
+    torch.manual_seed(0)
+    eager, compiled_layer = bnkit.BatchNorm2d(5), bnkit.BatchNorm2d(5)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(8, 5, 3, 3) * 2 + 1
+    with bnkit.policy(kernels="cpp"):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), eager(x))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(compiled_layer, name), getattr(eager, name))
+    assert not torch.equal(eager.running_mean, torch.zeros(5))

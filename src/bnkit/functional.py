@@ -1105,6 +1105,7 @@ def batch_norm(
                 renorm_stddev=renorm_stddev,
                 renorm_clipping=renorm_clipping,
                 relu=activation == "relu",
+                want_stats=return_stats,
             )
             if activation != "relu" and act is not None:
                 y = act(y)
@@ -1169,7 +1170,8 @@ def _cpp_training_step(
     renorm_stddev: Tensor | None,
     renorm_clipping: dict[str, float] | None,
     relu: bool,
-) -> tuple[Tensor, BatchStats]:
+    want_stats: bool,
+) -> tuple[Tensor, BatchStats | None]:
     """One training step on the C++ kernels: statistics, renorm and affine in one operator.
 
     The kernel reads ``x`` with the channel axis moved to dim 1 (a view: channels-last memory
@@ -1181,6 +1183,18 @@ def _cpp_training_step(
     renorm = renorm_mean is not None and renorm_stddev is not None
     clip = renorm_clipping or {}
     bounds = [None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")]
+    # PyTorch's rule on the running buffers: inside the kernel in eager mode (as PyTorch's own
+    # kernel does it; no small ops after a large kernel), by running.py under torch.compile
+    # (the in-place mutation of an operator argument is kept out of traced graphs).
+    updates = momentum is not None and running_mean is not None and running_var is not None
+    in_kernel = (
+        updates
+        and not torch.compiler.is_compiling()
+        and all(
+            t is not None and t.dtype in _FULL_PRECISION and t.is_contiguous()
+            for t in (running_mean, running_var)
+        )
+    )
     out = cpp.train(
         xt,
         weight if weight is None or weight.dtype == cdt else weight.to(cdt),
@@ -1194,7 +1208,14 @@ def _cpp_training_step(
         rmax=bounds[1],
         dmax=bounds[2],
         relu=relu,
+        running_mean=running_mean if in_kernel else None,
+        running_var=running_var if in_kernel else None,
+        momentum=float(momentum) if in_kernel and momentum is not None else 0.0,
     )
+    y = out.y
+    y = y.movedim(1, axis) if axis != 1 else y
+    if in_kernel and not want_stats:
+        return y, None
     # n values per channel per ghost; Bessel's n/(n-1) is a Python number (n is the same for
     # every ghost and channel), which keeps the per-call work on small inputs down.
     n = float((xt.shape[0] // ghosts) * (xt[0].numel() // max(xt.shape[1], 1)))
@@ -1203,11 +1224,12 @@ def _cpp_training_step(
     if ghosts > 1:
         mean, var, var_unbiased = mean.mean(0), var.mean(0), var_unbiased.mean(0)
     stats = BatchStats(mean, var, var_unbiased, torch.full_like(var, n))
-    if momentum is not None and running_mean is not None and running_var is not None:
+    if updates and not in_kernel and momentum is not None:
+        assert running_mean is not None
+        assert running_var is not None
         running.assign_moving_average_(running_mean, stats.mean, momentum)
         running.assign_moving_average_(running_var, stats.var_unbiased, momentum)
-    y = out.y
-    return (y.movedim(1, axis) if axis != 1 else y), stats
+    return y, stats
 
 
 def _cpp_inference_step(

@@ -9,7 +9,8 @@ The sources (``kernels/cpu/*.cpp``, shipped as package data) are compiled with
 ``torch.utils.cpp_extension.load`` the first time :func:`available` or :func:`load` is called,
 against the user's own PyTorch (no wheels to ship, no ABI to match), and cached in PyTorch's
 extensions directory, or in ``$BNKIT_EXTENSIONS_DIR`` when set. Flags: ``-O3 -march=native
--fopenmp`` (the library is built on, and for, the machine that runs it).
+-fopenmp -fno-math-errno`` (the library is built on, and for, the machine that runs it;
+``errno`` is never read, and without it square roots compile to one instruction).
 
 Operators (CPU; float32/float64, and bfloat16/float16 input with float32 accumulation and
 float32 statistics; channels on dim 1; NCHW-contiguous, channels-last and 2-D (N, C) input,
@@ -74,7 +75,7 @@ __all__ = [
 
 _NAME = "bnkit_cpu_kernels"
 _SOURCES = ("bn_kernels.cpp",)
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
 _LDFLAGS = ["-fopenmp"]
 
 
@@ -180,6 +181,9 @@ def _register_fakes() -> None:
         rmax: float | None = None,
         dmax: float | None = None,
         relu: bool = False,
+        running_mean: Tensor | None = None,
+        running_var: Tensor | None = None,
+        momentum: float = 0.0,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         c = x.shape[1]
         dt = stats_dtype(x)
@@ -356,6 +360,9 @@ def train(
     rmax: float | None = None,
     dmax: float | None = None,
     relu: bool = False,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.0,
 ) -> TrainOutput:
     """The training forward with every option the kernels serve, differentiable.
 
@@ -365,6 +372,11 @@ def train(
     ``r = 1, d = 0``; with it (``renorm_mean``/``renorm_std`` given) ``r = sqrt(σ̄² + eps)/s``,
     ``d = (μ̄ − renorm_mean)/s``, ``s = max(renorm_std, sqrt(eps))``, ``μ̄, σ̄²`` the averages
     over ghosts, r clipped to [rmin, rmax] and d to [−dmax, dmax]; no gradient through r, d.
+
+    With ``running_mean``/``running_var`` (contiguous float32/float64 buffers), PyTorch's rule
+    is applied to them in place, as ``torch.nn.functional.batch_norm`` does:
+    ``stat += momentum·(batch − stat)`` with the mean and the Bessel-corrected variance
+    (``n/max(n − 1, 1)``), averaged over ghosts, in float64.
 
     Example:
         >>> import torch
@@ -377,7 +389,21 @@ def train(
     if not _state["loaded"]:
         load()
     y, mean, var, r, d = torch.ops.bnkit.bn_train(
-        x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax, dmax, relu
+        x,
+        weight,
+        bias,
+        eps,
+        ghosts,
+        strided,
+        renorm_mean,
+        renorm_std,
+        rmin,
+        rmax,
+        dmax,
+        relu,
+        running_mean,
+        running_var,
+        momentum,
     )
     return TrainOutput(y, mean, var, r, d)
 

@@ -388,6 +388,34 @@ static void row_sums(const Geometry& g, double* s1, double* s2, F&& piece) {
   const int64_t cc = g.c, width = g.ghosts * cc;
   const bool nested = at::in_parallel_region();
   const int threads = nested ? 1 : std::max(1, at::get_num_threads());
+  if (g.ghosts >= threads && g.ghosts > 1) {
+    // One task per ghost, adding its pieces straight into its own slot: no per-thread copies
+    // of the (ghosts, C) sums to zero and add up.
+    std::vector<std::vector<int64_t>> of_ghost(g.ghosts);
+    for (int64_t i = 0; i < static_cast<int64_t>(pieces.size()); ++i) {
+      of_ghost[pieces[i].ghost].push_back(i);
+    }
+    std::fill(s1, s1 + width, 0.0);
+    std::fill(s2, s2 + width, 0.0);
+    at::parallel_for(0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> q1(cc), q2(cc);
+      for (int64_t gh = begin; gh < end; ++gh) {
+        double* d1 = s1 + gh * cc;
+        double* d2 = s2 + gh * cc;
+        for (const int64_t i : of_ghost[gh]) {
+          const RowPiece& p = pieces[i];
+          std::fill(q1.begin(), q1.end(), A(0));
+          std::fill(q2.begin(), q2.end(), A(0));
+          piece(q1.data(), q2.data(), p.begin, p.end, p.ghost);
+          for (int64_t ch = 0; ch < cc; ++ch) {
+            d1[ch] += q1[ch];
+            d2[ch] += q2[ch];
+          }
+        }
+      }
+    });
+    return;
+  }
   std::vector<double> t1(static_cast<size_t>(threads) * width, 0.0);
   std::vector<double> t2(static_cast<size_t>(threads) * width, 0.0);
   auto body = [&](int64_t begin, int64_t end) {
@@ -793,15 +821,18 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
   }
   statistics<T>(g, x, mean, var);
   std::vector<A> m(gs * cc), a(gs * cc), b(gs * cc);
-  std::vector<A> mc(gs), ac(gs), bc(gs);
-  for (int64_t ch = 0; ch < cc; ++ch) {
-    forward_coefficients<A>(f, gs, cc, ch, mean, var, mc.data(), ac.data(), bc.data(), r, d);
-    for (int64_t gh = 0; gh < gs; ++gh) {
-      m[gh * cc + ch] = mc[gh];
-      a[gh * cc + ch] = ac[gh];
-      b[gh * cc + ch] = bc[gh];
+  // (ghosts × C) coefficients, each with a square root: in parallel when there are many.
+  at::parallel_for(0, cc, std::max<int64_t>(1, 4096 / gs), [&](int64_t begin, int64_t end) {
+    std::vector<A> mc(gs), ac(gs), bc(gs);
+    for (int64_t ch = begin; ch < end; ++ch) {
+      forward_coefficients<A>(f, gs, cc, ch, mean, var, mc.data(), ac.data(), bc.data(), r, d);
+      for (int64_t gh = 0; gh < gs; ++gh) {
+        m[gh * cc + ch] = mc[gh];
+        a[gh * cc + ch] = ac[gh];
+        b[gh * cc + ch] = bc[gh];
+      }
     }
-  }
+  });
   for_all(
       g,
       [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
@@ -924,12 +955,52 @@ at::Tensor bn_eval(const at::Tensor& input, const at::Tensor& mean, const at::Te
   return y;
 }
 
+// PyTorch's running-statistics rule, as torch.nn.functional.batch_norm applies it inside its
+// kernel: stat += momentum·(batch − stat), the mean and the Bessel-corrected variance
+// (n/max(n − 1, 1), n values per channel per ghost) averaged over ghosts, in float64, stored in
+// the buffer's dtype. bnkit's running.py delegates this one rule to the kernels (see
+// docs/architecture.md); every other rule stays there.
+static void update_running(const Geometry& g, const std::vector<double>& mean,
+                           const std::vector<double>& var, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, double momentum) {
+  const double n = static_cast<double>(g.count());
+  const double bessel = n / std::max(n - 1.0, 1.0);
+  const double gs = static_cast<double>(g.ghosts);
+  std::vector<double> mu(g.c, 0.0), vu(g.c, 0.0);
+  for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      mu[ch] += mean[gh * g.c + ch] / gs;
+      vu[ch] += var[gh * g.c + ch] * bessel / gs;
+    }
+  }
+  auto apply = [&](const at::Tensor& buffer, const std::vector<double>& value) {
+    AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "bnkit_running", [&] {
+      scalar_t* p = buffer.data_ptr<scalar_t>();
+      for (int64_t ch = 0; ch < g.c; ++ch) {
+        const double old = static_cast<double>(p[ch]);
+        p[ch] = static_cast<scalar_t>(old + momentum * (value[ch] - old));
+      }
+    });
+  };
+  apply(running_mean, mu);
+  apply(running_var, vu);
+}
+
+static void check_running(const std::optional<at::Tensor>& t, int64_t c, const char* name) {
+  if (!has(t)) return;
+  check_vector(*t, c, name);
+  TORCH_CHECK(t->is_contiguous() && t->device().is_cpu() &&
+                  (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
+              "bnkit: ", name, " must be a contiguous float32 or float64 CPU tensor");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, int64_t ghosts, bool strided,
     const std::optional<at::Tensor>& renorm_mean, const std::optional<at::Tensor>& renorm_std,
     std::optional<double> rmin, std::optional<double> rmax, std::optional<double> dmax,
-    bool relu) {
+    bool relu, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, double momentum) {
   check_input(input);
   const Geometry g = geometry_of(input, ghosts, strided);
   TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_train: no values per channel (shape ",
@@ -951,6 +1022,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
     f.rmax = rmax;
     f.dmax = dmax;
   }
+  TORCH_CHECK(has(running_mean) == has(running_var),
+              "bnkit::bn_train: give both running_mean and running_var, or neither");
+  check_running(running_mean, g.c, "running_mean");
+  check_running(running_var, g.c, "running_var");
   const int64_t width = g.ghosts * g.c, rd = f.renorm() ? g.c : 0;
   std::vector<double> mean(width), var(width), r(rd), d(rd);
   at::Tensor y = new_like(g.x);
@@ -965,6 +1040,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
         train_forward<T, false>(g, f, y.data_ptr<T>(), mean.data(), var.data(), rp, dp);
       }
     });
+  }
+  if (has(running_mean) && g.c > 0 && g.x.numel() > 0) {
+    update_running(g, mean, var, *running_mean, *running_var, momentum);
   }
   const auto out = stats_dtype(input.scalar_type());
   std::vector<int64_t> stat_shape = {g.c};
@@ -1052,12 +1130,11 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
                          });
   }
   std::vector<A> m(width), a(width), b(width), e(width);
-  for (int64_t gh = 0; gh < gs; ++gh) {
-    for (int64_t ch = 0; ch < cc; ++ch) {
-      const int64_t i = gh * cc + ch;
-      grad_coefficients<A>(t, i, ch, count, s1[i], s2[i], m[i], a[i], b[i], e[i]);
+  at::parallel_for(0, width, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      grad_coefficients<A>(t, i, i % cc, count, s1[i], s2[i], m[i], a[i], b[i], e[i]);
     }
-  }
+  });
   for_all(
       g,
       [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
@@ -1161,13 +1238,20 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
       int64_t ghosts, bool strided, const std::optional<at::Tensor>& renorm_mean,
       const std::optional<at::Tensor>& renorm_std, std::optional<double> rmin,
-      std::optional<double> rmax, std::optional<double> dmax, bool relu) {
+      std::optional<double> rmax, std::optional<double> dmax, bool relu,
+      const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+      double momentum) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bnkit::bn_train", "")
                          .typed<decltype(bn_train)>();
     auto [y, mean, var, r, d] = op.call(x, weight, bias, eps, ghosts, strided, renorm_mean,
-                                        renorm_std, rmin, rmax, dmax, relu);
+                                        renorm_std, rmin, rmax, dmax, relu, running_mean,
+                                        running_var, momentum);
+    // Skipping ADInplaceOrView above also skips its version-counter bump of the buffers.
+    for (const auto* t : {&running_mean, &running_var}) {
+      if (has(*t) && !(*t)->is_inference()) (*t)->unsafeGetTensorImpl()->bump_version();
+    }
     const bool renorm = has(renorm_std);
     // r and d are saved from the forward: the renorm buffers are updated in place after it.
     ctx->save_for_backward({x, has(weight) ? *weight : at::Tensor(), mean, var,
@@ -1197,7 +1281,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     auto [gx, gw, gb] = op.call(grad_y, x, mean, invstd, opt(weight), opt(grads[1]),
                                 opt(grads[2]), ctx->saved_data["ghosts"].toInt(),
                                 ctx->saved_data["strided"].toBool(), opt(r), opt(d), opt(y));
-    torch::autograd::variable_list out(12);
+    torch::autograd::variable_list out(15);
     out[0] = gx;
     if (weight.defined()) out[1] = gw.to(weight.scalar_type());
     if (ctx->saved_data["bias"].toBool()) out[2] = gb;
@@ -1210,9 +1294,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_
     const std::optional<at::Tensor>& bias, double eps, int64_t ghosts, bool strided,
     const std::optional<at::Tensor>& renorm_mean, const std::optional<at::Tensor>& renorm_std,
     std::optional<double> rmin, std::optional<double> rmax, std::optional<double> dmax,
-    bool relu) {
+    bool relu, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, double momentum) {
   auto out = TrainFunction::apply(input, weight, bias, eps, ghosts, strided, renorm_mean,
-                                  renorm_std, rmin, rmax, dmax, relu);
+                                  renorm_std, rmin, rmax, dmax, relu, running_mean, running_var,
+                                  momentum);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -1238,7 +1324,8 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
   m.def(
       "bn_train(Tensor x, Tensor? weight, Tensor? bias, float eps, int ghosts=1, "
       "bool strided=False, Tensor? renorm_mean=None, Tensor? renorm_std=None, "
-      "float? rmin=None, float? rmax=None, float? dmax=None, bool relu=False) "
+      "float? rmin=None, float? rmax=None, float? dmax=None, bool relu=False, "
+      "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, float momentum=0.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "

@@ -172,13 +172,81 @@ def test_eval_with_gradient_stays_differentiable(calls: dict[str, int]) -> None:
 @pytest.mark.usefixtures("built")
 def test_configurations_the_kernels_do_not_serve_fall_through(calls: dict[str, int]) -> None:
     x = torch.randn(8, 4, 3, 3)
+    needs_grad = torch.rand(8, requires_grad=True)
+    per_channel = torch.rand(8, 4, 3, 3)  # full-rank weights that differ between channels
     with bnkit.policy(kernels="cpp"):
-        y = bnf.batch_norm(x, training=True, weights=torch.rand(8))
-        ref = bnf.batch_norm(x, training=True, weights=torch.rand(8).new_ones(8))
-        bnf.batch_norm(x, training=True, adjustment=lambda shape: (torch.ones(4), 0.0))
+        outputs = [
+            bnf.batch_norm(x, training=True, adjustment=lambda shape: (torch.ones(4), 0.0)),
+            bnf.batch_norm(x, training=True, weights=needs_grad),
+            bnf.batch_norm(x, training=True, weights=per_channel),
+            bnf.batch_norm(x, training=True, weights=torch.rand(8), virtual_batch_size=4),
+        ]
     assert calls["train"] == 0
-    assert y.shape == x.shape
-    assert ref.shape == x.shape
+    assert all(y.shape == x.shape for y in outputs)
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kind", ["per-sample", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_sample_weights_on_cpp_kernels_match_default(
+    kind: str, layout: str, dtype: torch.dtype, calls: dict[str, int]
+) -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = _input({}, dtype, layout)
+    if kind == "per-sample":
+        weights = torch.rand(16, generator=gen, dtype=dtype) + 0.1
+    else:
+        weights = (torch.rand(16, 5, 5, generator=gen) > 0.3).to(dtype)
+    tol = TOLERANCES[dtype]
+    for cfg in ({}, {"renorm": True, "activation": "relu"}):
+        ref, fast = _pair(cfg, dtype)
+        for _ in range(2):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya = ref(xa, weights=weights)
+            with bnkit.policy(kernels="cpp"):
+                yb = fast(xb, weights=weights)
+            grad = torch.randn(ya.shape, generator=gen, dtype=dtype)
+            ya.backward(grad)
+            yb.backward(grad)
+            torch.testing.assert_close(yb, ya, **tol)
+            torch.testing.assert_close(xb.grad, xa.grad, **tol)
+            for pa, pb in zip(ref.parameters(), fast.parameters(), strict=True):
+                torch.testing.assert_close(pb.grad, pa.grad, **tol)
+        for (name, a), (_, b) in zip(
+            ref.state_dict().items(), fast.state_dict().items(), strict=True
+        ):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert calls["train"] == 4
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("kind", ["per-sample", "mask"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weighted_training_gradcheck_float64(kind: str, layout: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 2, 3, generator=gen, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    sample = torch.rand(5, generator=gen, dtype=torch.float64) + 0.2
+    w = sample if kind == "per-sample" else torch.rand(30, generator=gen, dtype=torch.float64)
+    gamma = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    beta = torch.rand(3, generator=gen, dtype=torch.float64)
+
+    def f(inp: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = cpp.train(inp, g, b, 1e-3, sample_weight=w)
+        return out.y, out.mean, out.var
+
+    inputs = tuple(t.clone().requires_grad_() for t in (x, gamma, beta))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.usefixtures("built")
+def test_zero_total_weight_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="sample weights sum to zero"):
+        cpp.train(torch.randn(4, 3, 2, 2), sample_weight=torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"sample_weight must have 4 \(per sample\) or 16"):
+        cpp.train(torch.randn(4, 3, 2, 2), sample_weight=torch.ones(5))
 
 
 @pytest.mark.usefixtures("built")
@@ -253,8 +321,7 @@ def test_bench_kernels_cpp_runs_the_module_rows_on_the_kernels(
     assert report["meta"]["kernels"] == "cpp"
     assert "--kernels cpp" in report["meta"]["command"]
     rows = report["results"]
-    assert {r["path"] for r in rows if r["config"] != "weights"} == {"cpp"}
-    assert {r["path"] for r in rows if r["config"] == "weights"} == {"kernels, weighted"}
+    assert {r["path"] for r in rows} == {"cpp"}
     for r in rows:
         assert r["copy_target"] == bench.CPP_COPY_TARGETS[r["mode"]]
         assert r["target"] == 1.0

@@ -232,8 +232,8 @@ def path_of(config: str, mode: str, kernels: str = "torch") -> str:
     ``docs/architecture.md``): PyTorch's training kernel with its own running update for the
     default configuration and always in inference; the statistics-then-normalize kernel path
     (``bnkit.kernels``) for the options; its weighted statistics for sample weights. Under
-    ``kernels="cpp"`` the C++ kernels run everything but sample weights."""
-    if kernels == "cpp" and config != "weights":
+    ``kernels="cpp"`` the C++ kernels run every row."""
+    if kernels == "cpp":
         return "cpp"
     if mode == "eval" or config == "default":
         return "native kernel"

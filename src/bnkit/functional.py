@@ -1089,7 +1089,11 @@ def batch_norm(
         kernels_ok = not (allow_single_value and _one_value_per_channel(x, a, virtual_batch_size))
         if not allow_single_value:
             _check_values_per_channel(x, a, virtual_batch_size)
-        if impl == "cpp" and kernels_ok and weights is None and adjustment is None:
+        cpp_weights = None
+        if impl == "cpp" and weights is not None and virtual_batch_size is None:
+            cpp_weights = _cpp_sample_weights(weights, x, a)
+        cpp_ok = weights is None or cpp_weights is not None
+        if impl == "cpp" and kernels_ok and cpp_ok and adjustment is None:
             y, stats = _cpp_training_step(
                 x,
                 a,
@@ -1106,6 +1110,7 @@ def batch_norm(
                 renorm_clipping=renorm_clipping,
                 relu=activation == "relu",
                 want_stats=return_stats,
+                sample_weights=cpp_weights,
             )
             if activation != "relu" and act is not None:
                 y = act(y)
@@ -1171,6 +1176,7 @@ def _cpp_training_step(
     renorm_clipping: dict[str, float] | None,
     relu: bool,
     want_stats: bool,
+    sample_weights: Tensor | None = None,
 ) -> tuple[Tensor, BatchStats | None]:
     """One training step on the C++ kernels: statistics, renorm and affine in one operator.
 
@@ -1211,6 +1217,7 @@ def _cpp_training_step(
         running_mean=running_mean if in_kernel else None,
         running_var=running_var if in_kernel else None,
         momentum=float(momentum) if in_kernel and momentum is not None else 0.0,
+        sample_weight=sample_weights,
     )
     y = out.y
     y = y.movedim(1, axis) if axis != 1 else y
@@ -1219,6 +1226,9 @@ def _cpp_training_step(
     # n values per channel per ghost; Bessel's n/(n-1) is a Python number (n is the same for
     # every ghost and channel), which keeps the per-call work on small inputs down.
     n = float((xt.shape[0] // ghosts) * (xt[0].numel() // max(xt.shape[1], 1)))
+    if sample_weights is not None:  # W, the total weight per channel
+        per_sample = sample_weights.numel() == xt.shape[0]
+        n = float(sample_weights.sum(dtype=torch.float64)) * (n / xt.shape[0] if per_sample else 1)
     mean, var = out.mean.detach(), out.var.detach()
     var_unbiased = var * (n / max(n - 1.0, 1.0))
     if ghosts > 1:
@@ -1230,6 +1240,26 @@ def _cpp_training_step(
         running.assign_moving_average_(running_mean, stats.mean, momentum)
         running.assign_moving_average_(running_var, stats.var_unbiased, momentum)
     return y, stats
+
+
+def _cpp_sample_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor | None:
+    """Sample weights as the C++ kernels take them, or None where they cannot.
+
+    The kernels take weights that are the same for every channel and need no gradient: per
+    sample (N values) or per position (N·spatial values, samples then positions in the order
+    of ``x.movedim(axis, 1)``'s non-channel dims).
+    """
+    if torch.is_grad_enabled() and weights.requires_grad:
+        return None
+    aligned = align_weights(weights, x, axis).movedim(axis, 1)
+    if aligned.shape[1] != 1:
+        return None  # weights that differ between channels
+    n = x.shape[0]
+    cdt = compute_dtype(x.dtype)
+    if all(size == 1 for size in aligned.shape[1:]):
+        return aligned.reshape(n).to(cdt)
+    spatial = [x.shape[d] for d in range(x.ndim) if d not in (0, axis)]
+    return aligned.expand(n, 1, *spatial).reshape(-1).to(cdt)
 
 
 def _cpp_inference_step(

@@ -163,6 +163,7 @@ def _register_fakes() -> None:
         r: Tensor | None = None,
         d: Tensor | None = None,
         output: Tensor | None = None,
+        sample_weight: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         c = x.shape[1]
         dt = stats_dtype(x)
@@ -184,6 +185,7 @@ def _register_fakes() -> None:
         running_mean: Tensor | None = None,
         running_var: Tensor | None = None,
         momentum: float = 0.0,
+        sample_weight: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         c = x.shape[1]
         dt = stats_dtype(x)
@@ -363,6 +365,7 @@ def train(
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     momentum: float = 0.0,
+    sample_weight: Tensor | None = None,
 ) -> TrainOutput:
     """The training forward with every option the kernels serve, differentiable.
 
@@ -377,6 +380,10 @@ def train(
     is applied to them in place, as ``torch.nn.functional.batch_norm`` does:
     ``stat += momentum·(batch − stat)`` with the mean and the Bessel-corrected variance
     (``n/max(n − 1, 1)``), averaged over ghosts, in float64.
+
+    ``sample_weight`` (no ghosts; no gradient): frequency weights, the same for every channel,
+    per sample (``N`` values) or per position (``N·H·W`` values in sample-then-position order):
+    ``μ = Σw·x/W``, ``σ² = Σw·(x − μ)²/W`` (``tf.nn.weighted_moments``), ``n = W`` above.
 
     Example:
         >>> import torch
@@ -404,6 +411,7 @@ def train(
         running_mean,
         running_var,
         momentum,
+        sample_weight,
     )
     return TrainOutput(y, mean, var, r, d)
 

@@ -219,6 +219,21 @@ struct Geometry {
   int64_t n, c, inner;
   int64_t ghosts = 1;    // ghost (virtual) batches, each normalized by its own statistics
   bool strided = false;  // ghost g holds samples g, g + G, ... (Keras) instead of a block
+  // Sample weights (the same for every channel): per sample (n values) or per position
+  // (n·inner values, a mask), in the accumulation type; `total` is their sum over the
+  // values of one channel, the count that weighted statistics divide by.
+  at::Tensor w;
+  bool per_sample = true;
+  double total = 0;
+
+  bool weighted() const { return w.defined(); }
+  // The weight of value `i` of the run of sample s that starts at position `pos`.
+  template <typename A>
+  const A* weights_at(int64_t s, int64_t pos) const {
+    return w.const_data_ptr<A>() + (per_sample ? s : s * inner + pos);
+  }
+  // Values (or total weight) per (ghost, channel): what the statistics divide by.
+  double denominator() const { return weighted() ? total : static_cast<double>(count()); }
 
   int64_t per_ghost() const { return n / ghosts; }
   int64_t sample(int64_t g, int64_t k) const {
@@ -258,6 +273,30 @@ static Geometry geometry_of(const at::Tensor& input, int64_t ghosts = 1, bool st
   g.x = input.contiguous();
   g.rows = g.inner == 1;
   return g;
+}
+
+// Attaches sample weights (per sample: n values; a mask: n·inner values, in the order of the
+// samples and then the positions of one channel) to the geometry, in the accumulation type.
+static void attach_weights(Geometry& g, const std::optional<at::Tensor>& weights) {
+  if (!weights.has_value() || !weights->defined()) return;
+  TORCH_CHECK(g.ghosts == 1, "bnkit: sample weights with ghost batches are not supported here");
+  const int64_t numel = weights->numel();
+  TORCH_CHECK(numel == g.n || numel == g.n * g.inner, "bnkit: sample_weight must have ", g.n,
+              " (per sample) or ", g.n * g.inner, " (per position) values, got shape ",
+              weights->sizes());
+  const auto acc = g.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  g.w = weights->to(acc).contiguous().view({-1});
+  g.per_sample = numel == g.n;
+  double sum = 0;
+  AT_DISPATCH_FLOATING_TYPES(g.w.scalar_type(), "bnkit_weight_total", [&] {
+    const scalar_t* p = g.w.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < numel; ++i) sum += static_cast<double>(p[i]);
+  });
+  g.total = g.per_sample ? sum * static_cast<double>(g.inner) : sum;
+  TORCH_CHECK_VALUE(g.total > 0,
+                    "the sample weights sum to zero (or less) over the reduced dimensions, so "
+                    "the weighted mean is undefined. Fix: 1) check the mask is not all zeros "
+                    "for this batch, 2) skip the batch, or 3) use weights > 0.");
 }
 
 static void check_input(const at::Tensor& input) {
@@ -323,7 +362,7 @@ static int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at:
 static int64_t tile_channels(const Geometry& g, int64_t tensors) {
   constexpr int64_t kTileBytes = int64_t(1) << 20;
   const int64_t t = num_threads();
-  if (g.rows || g.c < t) return 0;
+  if (g.rows || g.c < t || g.weighted()) return 0;
   const int64_t per_channel = g.n * g.inner * g.x.element_size() * (tensors + 1);
   if (per_channel > kTileBytes) return 0;
   // Enough tiles for every thread (a multiple of the thread count), each within the budget.
@@ -692,6 +731,56 @@ static void grad_row_sums(const T* x, const T* dy, const T* y, int64_t cc, int64
   }
 }
 
+// Σ w·(x - k) and Σ w·(x - k)² of a run with one weight per value.
+template <typename T, typename A>
+static inline void masked_sums(const T* p, const A* w, int64_t len, A k, A& s1, A& s2) {
+  A a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a1, a2)
+  for (int64_t i = 0; i < len; ++i) {
+    const A d = static_cast<A>(p[i]) - k;
+    a1 += w[i] * d;
+    a2 += w[i] * d * d;
+  }
+  s1 += a1;
+  s2 += a2;
+}
+
+// Adds one row of channels, weighted by w, into q1 (Σ w·d) and q2 (Σ w·d²), d = x - k.
+template <typename T, typename A>
+static inline void weighted_row_sums(const T* p, int64_t cc, const A* k, A w, A* q1, A* q2) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    const A d = static_cast<A>(p[ch]) - k[ch];
+    q1[ch] += w * d;
+    q2[ch] += w * d * d;
+  }
+}
+
+// gx = a·dy' + w·(b·(x - m) + d): the weighted backward's elementwise pass, one weight per
+// value (masks); the per-sample and per-row cases scale b and d instead.
+template <typename T, typename A, bool Relu>
+static inline void masked_grad_run(const T* x, const T* dy, const T* y, const A* w, T* gx,
+                                   int64_t len, A m, A a, A b, A d) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    A gi = static_cast<A>(dy[i]);
+    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
+    gx[i] = static_cast<T>(a * gi + w[i] * (b * (static_cast<A>(x[i]) - m) + d));
+  }
+}
+
+// grad_row with every correction term scaled by the row's weight w.
+template <typename T, typename A, bool Relu>
+static inline void weighted_grad_row(const T* x, const T* dy, const T* y, T* gx, int64_t cc,
+                                     const A* m, const A* a, const A* b, const A* d, A w) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    A gi = static_cast<A>(dy[ch]);
+    if constexpr (Relu) gi = static_cast<A>(y[ch]) > A(0) ? gi : A(0);
+    gx[ch] = static_cast<T>(a[ch] * gi + w * (b[ch] * (static_cast<A>(x[ch]) - m[ch]) + d[ch]));
+  }
+}
+
 // mean = K + S1/n, var = S2/n - (S1/n)^2 (clamped at 0), in double.
 static inline void finish_stats(double k, double s1, double s2, double count, double& mean,
                                 double& var) {
@@ -712,17 +801,40 @@ static void statistics(const Geometry& g, const T* x, double* mean, double* var)
     for (int64_t ch = 0; ch < cc; ++ch) k[gh * cc + ch] = static_cast<A>(x[g.first(gh, ch)]);
   }
   std::vector<double> s1(width), s2(width);
-  if (g.rows) {
+  if (g.rows && g.weighted()) {
+    row_sums<A>(g, s1.data(), s2.data(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
+      for (int64_t r = begin; r < end; ++r) {
+        const A wr = *g.weights_at<A>(r / g.inner, r % g.inner);
+        weighted_row_sums<T, A>(x + r * cc, cc, k.data() + gh * cc, wr, q1, q2);
+      }
+    });
+  } else if (g.rows) {
     row_sums<A>(g, s1.data(), s2.data(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
       shifted_row_sums<T, A>(x, cc, begin, end, k.data() + gh * cc, q1, q2);
     });
   } else {
+    const int64_t plane = cc * g.inner;
     block_sums<A>(g, s1.data(), s2.data(),
-                         [&](A& a1, A& a2, int64_t off, int64_t len, int64_t gh, int64_t ch) {
-                           shifted_sums<T, A>(x + off, len, k[gh * cc + ch], a1, a2);
-                         });
+                  [&](A& a1, A& a2, int64_t off, int64_t len, int64_t gh, int64_t ch) {
+                    const A kk = k[gh * cc + ch];
+                    if (!g.weighted()) {
+                      shifted_sums<T, A>(x + off, len, kk, a1, a2);
+                      return;
+                    }
+                    const int64_t smp = off / plane, pos = off % g.inner;
+                    if (g.per_sample) {
+                      // One weight for the whole run: it factors out of both sums.
+                      A b1 = 0, b2 = 0;
+                      shifted_sums<T, A>(x + off, len, kk, b1, b2);
+                      const A ws = *g.weights_at<A>(smp, pos);
+                      a1 += ws * b1;
+                      a2 += ws * b2;
+                    } else {
+                      masked_sums<T, A>(x + off, g.weights_at<A>(smp, pos), len, kk, a1, a2);
+                    }
+                  });
   }
-  const double count = static_cast<double>(g.count());
+  const double count = g.denominator();
   for (int64_t i = 0; i < width; ++i) {
     finish_stats(static_cast<double>(k[i]), s1[i], s2[i], count, mean[i], var[i]);
   }
@@ -963,7 +1075,7 @@ at::Tensor bn_eval(const at::Tensor& input, const at::Tensor& mean, const at::Te
 static void update_running(const Geometry& g, const std::vector<double>& mean,
                            const std::vector<double>& var, const at::Tensor& running_mean,
                            const at::Tensor& running_var, double momentum) {
-  const double n = static_cast<double>(g.count());
+  const double n = g.denominator();
   const double bessel = n / std::max(n - 1.0, 1.0);
   const double gs = static_cast<double>(g.ghosts);
   std::vector<double> mu(g.c, 0.0), vu(g.c, 0.0);
@@ -1000,9 +1112,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
     const std::optional<at::Tensor>& renorm_mean, const std::optional<at::Tensor>& renorm_std,
     std::optional<double> rmin, std::optional<double> rmax, std::optional<double> dmax,
     bool relu, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, double momentum) {
+    const std::optional<at::Tensor>& running_var, double momentum,
+    const std::optional<at::Tensor>& sample_weight) {
   check_input(input);
-  const Geometry g = geometry_of(input, ghosts, strided);
+  Geometry g = geometry_of(input, ghosts, strided);
+  attach_weights(g, sample_weight);
   TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_train: no values per channel (shape ",
               input.sizes(), ")");
   TORCH_CHECK(has(renorm_mean) == has(renorm_std),
@@ -1082,7 +1196,7 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
   using A = typename Acc<T>::type;
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, gs = g.ghosts;
-  const double count = static_cast<double>(g.count());
+  const double count = g.denominator();
   if (const int64_t k = tile_channels(g, 2); k > 0) {
     for_each_tile(g, k, [&](int64_t c0, int64_t c1) {
       const int64_t w = (c1 - c0) * gs;
@@ -1135,6 +1249,31 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
       grad_coefficients<A>(t, i, i % cc, count, s1[i], s2[i], m[i], a[i], b[i], e[i]);
     }
   });
+  if (g.weighted()) {
+    // dx = γ·invstd·(dy' - w·(Σdy'/W + x̂·Σdy'·x̂/W)): the mean and variance move with
+    // each value's weight, so the correction terms are scaled by it (the sums are not).
+    const int64_t plane = cc * g.inner;
+    for_all(
+        g,
+        [&](int64_t off, int64_t len, int64_t, int64_t ch) {
+          const int64_t smp = off / plane, pos = off % g.inner;
+          const A* wp = g.weights_at<A>(smp, pos);
+          if (g.per_sample) {
+            grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m[ch], a[ch],
+                                 *wp * b[ch], *wp * e[ch]);
+          } else {
+            masked_grad_run<T, A, Relu>(x + off, dy + off, y + off, wp, gx + off, len, m[ch],
+                                        a[ch], b[ch], e[ch]);
+          }
+        },
+        [&](int64_t row, int64_t) {
+          const int64_t o = row * cc;
+          const A wr = *g.weights_at<A>(row / g.inner, row % g.inner);
+          weighted_grad_row<T, A, Relu>(x + o, dy + o, y + o, gx + o, cc, m.data(), a.data(),
+                                        b.data(), e.data(), wr);
+        });
+    return;
+  }
   for_all(
       g,
       [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
@@ -1164,12 +1303,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& grad_mean, const std::optional<at::Tensor>& grad_var,
     int64_t ghosts, bool strided, const std::optional<at::Tensor>& r,
-    const std::optional<at::Tensor>& d, const std::optional<at::Tensor>& output) {
+    const std::optional<at::Tensor>& d, const std::optional<at::Tensor>& output,
+    const std::optional<at::Tensor>& sample_weight) {
   check_input(input);
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnkit::bn_backward: grad_out shape ",
               grad_out.sizes(), " differs from x shape ", input.sizes());
   TORCH_CHECK(grad_out.device().is_cpu(), "bnkit: CPU tensors only");
-  const Geometry g = geometry_of(input, ghosts, strided);
+  Geometry g = geometry_of(input, ghosts, strided);
+  attach_weights(g, sample_weight);
   TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_backward: no values per channel (shape ",
               input.sizes(), ")");
   const int64_t width = g.ghosts * g.c;
@@ -1240,14 +1381,14 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
       const std::optional<at::Tensor>& renorm_std, std::optional<double> rmin,
       std::optional<double> rmax, std::optional<double> dmax, bool relu,
       const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-      double momentum) {
+      double momentum, const std::optional<at::Tensor>& sample_weight) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bnkit::bn_train", "")
                          .typed<decltype(bn_train)>();
     auto [y, mean, var, r, d] = op.call(x, weight, bias, eps, ghosts, strided, renorm_mean,
                                         renorm_std, rmin, rmax, dmax, relu, running_mean,
-                                        running_var, momentum);
+                                        running_var, momentum, sample_weight);
     // Skipping ADInplaceOrView above also skips its version-counter bump of the buffers.
     for (const auto* t : {&running_mean, &running_var}) {
       if (has(*t) && !(*t)->is_inference()) (*t)->unsafeGetTensorImpl()->bump_version();
@@ -1256,7 +1397,8 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     // r and d are saved from the forward: the renorm buffers are updated in place after it.
     ctx->save_for_backward({x, has(weight) ? *weight : at::Tensor(), mean, var,
                             renorm ? r : at::Tensor(), renorm ? d : at::Tensor(),
-                            relu ? y : at::Tensor()});
+                            relu ? y : at::Tensor(),
+                            has(sample_weight) ? *sample_weight : at::Tensor()});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["ghosts"] = ghosts;
     ctx->saved_data["strided"] = strided;
@@ -1269,7 +1411,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
-    const at::Tensor &r = saved[4], &d = saved[5], &y = saved[6];
+    const at::Tensor &r = saved[4], &d = saved[5], &y = saved[6], &sw = saved[7];
     auto opt = [](const at::Tensor& t) {
       return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
     };
@@ -1280,8 +1422,10 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
                          .typed<decltype(bn_backward)>();
     auto [gx, gw, gb] = op.call(grad_y, x, mean, invstd, opt(weight), opt(grads[1]),
                                 opt(grads[2]), ctx->saved_data["ghosts"].toInt(),
-                                ctx->saved_data["strided"].toBool(), opt(r), opt(d), opt(y));
-    torch::autograd::variable_list out(15);
+                                ctx->saved_data["strided"].toBool(), opt(r), opt(d), opt(y),
+                                opt(sw));
+    // No gradient for the sample weights: callers send weights that need one elsewhere.
+    torch::autograd::variable_list out(16);
     out[0] = gx;
     if (weight.defined()) out[1] = gw.to(weight.scalar_type());
     if (ctx->saved_data["bias"].toBool()) out[2] = gb;
@@ -1295,10 +1439,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_
     const std::optional<at::Tensor>& renorm_mean, const std::optional<at::Tensor>& renorm_std,
     std::optional<double> rmin, std::optional<double> rmax, std::optional<double> dmax,
     bool relu, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, double momentum) {
+    const std::optional<at::Tensor>& running_var, double momentum,
+    const std::optional<at::Tensor>& sample_weight) {
   auto out = TrainFunction::apply(input, weight, bias, eps, ghosts, strided, renorm_mean,
                                   renorm_std, rmin, rmax, dmax, relu, running_mean, running_var,
-                                  momentum);
+                                  momentum, sample_weight);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -1325,12 +1470,14 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
       "bn_train(Tensor x, Tensor? weight, Tensor? bias, float eps, int ghosts=1, "
       "bool strided=False, Tensor? renorm_mean=None, Tensor? renorm_std=None, "
       "float? rmin=None, float? rmax=None, float? dmax=None, bool relu=False, "
-      "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, float momentum=0.0) "
+      "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, float momentum=0.0, "
+      "Tensor? sample_weight=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor? grad_mean=None, Tensor? grad_var=None, int ghosts=1, bool strided=False, "
-      "Tensor? r=None, Tensor? d=None, Tensor? output=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? r=None, Tensor? d=None, Tensor? output=None, Tensor? sample_weight=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("pool_cached_bytes() -> int", &bnkit_cpu::pool_cached_bytes);
   m.def("pool_set_limit(int bytes) -> int", &bnkit_cpu::pool_set_limit);
 }

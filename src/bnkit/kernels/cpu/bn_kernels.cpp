@@ -812,15 +812,16 @@ static void statistics(const Geometry& g, const T* x, double* mean, double* var)
     row_sums<A>(g, s1.data(), s2.data(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
       shifted_row_sums<T, A>(x, cc, begin, end, k.data() + gh * cc, q1, q2);
     });
+  } else if (!g.weighted()) {
+    block_sums<A>(g, s1.data(), s2.data(),
+                  [&](A& a1, A& a2, int64_t off, int64_t len, int64_t gh, int64_t ch) {
+                    shifted_sums<T, A>(x + off, len, k[gh * cc + ch], a1, a2);
+                  });
   } else {
     const int64_t plane = cc * g.inner;
     block_sums<A>(g, s1.data(), s2.data(),
                   [&](A& a1, A& a2, int64_t off, int64_t len, int64_t gh, int64_t ch) {
                     const A kk = k[gh * cc + ch];
-                    if (!g.weighted()) {
-                      shifted_sums<T, A>(x + off, len, kk, a1, a2);
-                      return;
-                    }
                     const int64_t smp = off / plane, pos = off % g.inner;
                     if (g.per_sample) {
                       // One weight for the whole run: it factors out of both sums.

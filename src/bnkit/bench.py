@@ -1173,7 +1173,7 @@ def format_kernel_table(
         return "| " + " | ".join(padded) + " |" if markdown else "  ".join(padded)
 
     out = [
-        f"bnkit {meta['bnkit_version']} bench --kernels cpp, {meta['date']}: torch "
+        f"bnkit {meta['bnkit_version']} bench --kernels ops, {meta['date']}: torch "
         f"{meta['torch_version']}, {meta['torch_threads']} torch threads on {meta['cpu_count']} "
         f"CPUs ({meta['cpu_model']}); kernel path: {meta['kernel_path']}",
     ]

@@ -36,7 +36,8 @@
 // (see OutputPool): a fresh block from the operating system costs a page fault per 4 KiB, which
 // on large activations takes several times longer than the kernel itself.
 //
-// Threads: at::parallel_for (torch.get_num_threads()).
+// Threads: at::parallel_for (torch.get_num_threads()); inputs under 32768 values run on the
+// calling thread.
 
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -350,6 +351,20 @@ static at::Tensor tensor_of(const std::vector<double>& values, at::IntArrayRef s
 
 static bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// Below kSerialValues values a pass runs on the calling thread, as PyTorch's kernels do below
+// their grain size: waking the other threads costs more than the work, and far more when
+// another process holds a core (an OpenMP barrier then waits for the descheduled thread).
+constexpr int64_t kSerialValues = 32768;
+
+template <typename F>
+static void parallel(const Geometry& g, int64_t begin, int64_t end, int64_t grain, F&& f) {
+  if (g.x.numel() < kSerialValues) {
+    if (begin < end) f(begin, end);
+    return;
+  }
+  at::parallel_for(begin, end, grain, f);
+}
+
 static int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
 
 // Channels per tile when a training pass works tile by tile: a tile is a group of adjacent
@@ -376,7 +391,7 @@ static int64_t tile_channels(const Geometry& g, int64_t tensors) {
 template <typename F>
 static void for_each_tile(const Geometry& g, int64_t k, F&& tile) {
   const int64_t tiles = (g.c + k - 1) / k;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel(g, 0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) tile(i * k, std::min(g.c, (i + 1) * k));
   });
 }
@@ -436,7 +451,7 @@ static void row_sums(const Geometry& g, double* s1, double* s2, F&& piece) {
     }
     std::fill(s1, s1 + width, 0.0);
     std::fill(s2, s2 + width, 0.0);
-    at::parallel_for(0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
+    parallel(g, 0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> q1(cc), q2(cc);
       for (int64_t gh = begin; gh < end; ++gh) {
         double* d1 = s1 + gh * cc;
@@ -478,7 +493,7 @@ static void row_sums(const Geometry& g, double* s1, double* s2, F&& piece) {
   if (nested) {
     body(0, count);
   } else {
-    at::parallel_for(0, count, 1, body);
+    parallel(g, 0, count, 1, body);
   }
   for (int64_t i = 0; i < width; ++i) {
     double u1 = 0, u2 = 0;
@@ -530,7 +545,7 @@ static void block_sums(const Geometry& g, double* s1, double* s2, F&& run) {
   if (nested) {
     body(0, g.n);
   } else {
-    at::parallel_for(0, g.n, 1, body);
+    parallel(g, 0, g.n, 1, body);
   }
   for (int64_t i = 0; i < width; ++i) {
     double u1 = 0, u2 = 0;
@@ -550,7 +565,7 @@ static void block_sums_by_run(const Geometry& g, double* s1, double* s2, F&& run
   const int64_t runs = (g.inner + kChunk - 1) / kChunk;
   const int64_t tasks = g.n * g.c * runs;
   std::vector<double> p1(tasks), p2(tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel(g, 0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t % runs, block = t / runs;  // block = sample * C + channel
       const int64_t ch = block % g.c, s = block / g.c;
@@ -584,14 +599,14 @@ static void for_all(const Geometry& g, FB&& block_run, FR&& row) {
   if (g.rows) {
     const int64_t rows = g.n * g.inner;
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.c, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    parallel(g, 0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) row(r, g.ghost_of(r / g.inner));
     });
     return;
   }
   const int64_t runs = (g.inner + kChunk - 1) / kChunk;
   const int64_t tasks = g.n * g.c * runs;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel(g, 0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t % runs, block = t / runs;
       const int64_t ch = block % g.c, s = block / g.c;

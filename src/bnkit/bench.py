@@ -538,8 +538,12 @@ def time_interleaved(
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Hide the profiler's C++ start/stop lines on fd 2; pass any other line through."""
+def filtered_stderr(drop: Callable[[str], bool]) -> Iterator[None]:
+    """Capture what C++ code writes to fd 2 in the block; print back the lines ``drop`` keeps.
+
+    C++ libraries write to the file descriptor directly, past ``sys.stderr``: the profiler's
+    start/stop lines, TensorFlow's start-up banners. Without a usable fd 2, nothing is done.
+    """
     sys.stderr.flush()
     try:
         saved = os.dup(2)
@@ -556,8 +560,13 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
             tmp.seek(0)
             for line in tmp.read().decode("utf-8", "replace").splitlines():
-                if "profiler_st" not in line:
+                if not drop(line):
                     print(line, file=sys.stderr)
+
+
+def _quiet_stderr() -> contextlib.AbstractContextManager[None]:
+    """Hide the profiler's C++ start/stop lines on fd 2; pass any other line through."""
+    return filtered_stderr(lambda line: "profiler_st" in line)
 
 
 def peak_allocated_bytes(fn: Callable[[], None]) -> int | None:

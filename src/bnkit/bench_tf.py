@@ -42,9 +42,7 @@ import contextlib
 import importlib
 import os
 import sys
-import tempfile
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -80,27 +78,11 @@ class TensorFlowNotInstalledError(ImportError):
     """TensorFlow or tf_keras cannot be imported; the message says how to install them."""
 
 
-@contextlib.contextmanager
-def _quiet_banners() -> Iterator[None]:
+def _quiet_banners() -> contextlib.AbstractContextManager[None]:
     """Drop TensorFlow's start-up banners from fd 2; pass every other line through."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            for line in tmp.read().decode("utf-8", "replace").splitlines():
-                if not any(banner in line for banner in _BANNERS):
-                    print(line, file=sys.stderr)
+    from bnkit.bench import filtered_stderr
+
+    return filtered_stderr(lambda line: any(banner in line for banner in _BANNERS))
 
 
 def load() -> tuple[Any, Any]:

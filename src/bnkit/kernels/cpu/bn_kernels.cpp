@@ -65,6 +65,7 @@
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace bnkit_cpu {
@@ -433,6 +434,58 @@ static std::vector<RowPiece> row_pieces(const Geometry& g) {
   return pieces;
 }
 
+// Per-thread float64 partial sums of (ghost, channel) pairs: each thread adds into its own slot
+// (indexed by at::get_thread_num()) and total() adds the slots up in a fixed order, so the
+// result does not depend on scheduling. Inside another parallel region parallel_for runs
+// inline on the caller's thread: one slot then.
+class ThreadSums {
+ public:
+  explicit ThreadSums(int64_t width)
+      : nested_(at::in_parallel_region()),
+        threads_(nested_ ? 1 : std::max(1, at::get_num_threads())),
+        width_(width),
+        t1_(static_cast<size_t>(threads_) * width, 0.0),
+        t2_(t1_.size(), 0.0) {}
+
+  int threads() const { return threads_; }
+
+  // The calling thread's two slots (width values each).
+  std::pair<double*, double*> slot() {
+    const int tid = nested_ ? 0 : at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < threads_, "bnkit: unexpected thread id ", tid);
+    const size_t at = static_cast<size_t>(tid) * width_;
+    return {t1_.data() + at, t2_.data() + at};
+  }
+
+  // body(begin, end) over [0, count), in parallel unless nested (or the input is small).
+  template <typename F>
+  void run(const Geometry& g, int64_t count, F&& body) {
+    if (nested_) {
+      body(0, count);
+    } else {
+      parallel(g, 0, count, 1, body);
+    }
+  }
+
+  void total(double* s1, double* s2) const {
+    for (int64_t i = 0; i < width_; ++i) {
+      double u1 = 0, u2 = 0;
+      for (int t = 0; t < threads_; ++t) {
+        u1 += t1_[static_cast<size_t>(t) * width_ + i];
+        u2 += t2_[static_cast<size_t>(t) * width_ + i];
+      }
+      s1[i] = u1;
+      s2[i] = u2;
+    }
+  }
+
+ private:
+  bool nested_;
+  int threads_;
+  int64_t width_;
+  std::vector<double> t1_, t2_;
+};
+
 // Sums per (ghost, channel) over the rows layout: piece(p, q1, q2, begin, end, ghost) adds its
 // rows into the accumulation-type arrays q1, q2 (C values each); the pieces' sums are added in
 // double per thread, then over threads, into s1, s2 (ghosts * C values).
@@ -440,8 +493,7 @@ template <typename A, typename F>
 static void row_sums(const Geometry& g, double* s1, double* s2, F&& piece) {
   const std::vector<RowPiece> pieces = row_pieces(g);
   const int64_t cc = g.c, width = g.ghosts * cc;
-  const bool nested = at::in_parallel_region();
-  const int threads = nested ? 1 : std::max(1, at::get_num_threads());
+  const int threads = num_threads();
   if (g.ghosts >= threads && g.ghosts > 1) {
     // One task per ghost, adding its pieces straight into its own slot: no per-thread copies
     // of the (ghosts, C) sums to zero and add up.
@@ -470,40 +522,24 @@ static void row_sums(const Geometry& g, double* s1, double* s2, F&& piece) {
     });
     return;
   }
-  std::vector<double> t1(static_cast<size_t>(threads) * width, 0.0);
-  std::vector<double> t2(static_cast<size_t>(threads) * width, 0.0);
-  auto body = [&](int64_t begin, int64_t end) {
-    const int tid = nested ? 0 : at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < threads, "bnkit: unexpected thread id ", tid);
+  ThreadSums sums(width);
+  sums.run(g, static_cast<int64_t>(pieces.size()), [&](int64_t begin, int64_t end) {
+    auto [t1, t2] = sums.slot();
     std::vector<A> q1(cc), q2(cc);
     for (int64_t i = begin; i < end; ++i) {
       const RowPiece& p = pieces[i];
       std::fill(q1.begin(), q1.end(), A(0));
       std::fill(q2.begin(), q2.end(), A(0));
       piece(q1.data(), q2.data(), p.begin, p.end, p.ghost);
-      double* d1 = t1.data() + static_cast<size_t>(tid) * width + p.ghost * cc;
-      double* d2 = t2.data() + static_cast<size_t>(tid) * width + p.ghost * cc;
+      double* d1 = t1 + p.ghost * cc;
+      double* d2 = t2 + p.ghost * cc;
       for (int64_t ch = 0; ch < cc; ++ch) {
         d1[ch] += q1[ch];
         d2[ch] += q2[ch];
       }
     }
-  };
-  const int64_t count = static_cast<int64_t>(pieces.size());
-  if (nested) {
-    body(0, count);
-  } else {
-    parallel(g, 0, count, 1, body);
-  }
-  for (int64_t i = 0; i < width; ++i) {
-    double u1 = 0, u2 = 0;
-    for (int t = 0; t < threads; ++t) {
-      u1 += t1[static_cast<size_t>(t) * width + i];
-      u2 += t2[static_cast<size_t>(t) * width + i];
-    }
-    s1[i] = u1;
-    s2[i] = u2;
-  }
+  });
+  sums.total(s1, s2);
 }
 
 template <typename A, typename F>
@@ -515,22 +551,18 @@ static void block_sums_by_run(const Geometry& g, double* s1, double* s2, F&& run
 // run) tasks instead (one sample of a huge image still spreads over every thread).
 template <typename A, typename F>
 static void block_sums(const Geometry& g, double* s1, double* s2, F&& run) {
-  const bool nested = at::in_parallel_region();
-  const int threads = nested ? 1 : std::max(1, at::get_num_threads());
-  if (g.n < 4 * threads) {
+  if (g.n < 4 * num_threads()) {
     block_sums_by_run<A>(g, s1, s2, run);
     return;
   }
-  const int64_t cc = g.c, width = g.ghosts * cc;
-  std::vector<double> t1(static_cast<size_t>(threads) * width, 0.0);
-  std::vector<double> t2(static_cast<size_t>(threads) * width, 0.0);
-  auto body = [&](int64_t begin, int64_t end) {
-    const int tid = nested ? 0 : at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < threads, "bnkit: unexpected thread id ", tid);
+  const int64_t cc = g.c;
+  ThreadSums sums(g.ghosts * cc);
+  sums.run(g, g.n, [&](int64_t begin, int64_t end) {
+    auto [t1, t2] = sums.slot();
     for (int64_t s = begin; s < end; ++s) {
       const int64_t gh = g.ghost_of(s);
-      double* d1 = t1.data() + static_cast<size_t>(tid) * width + gh * cc;
-      double* d2 = t2.data() + static_cast<size_t>(tid) * width + gh * cc;
+      double* d1 = t1 + gh * cc;
+      double* d2 = t2 + gh * cc;
       for (int64_t ch = 0; ch < cc; ++ch) {
         const int64_t base = (s * cc + ch) * g.inner;
         for (int64_t off = 0; off < g.inner; off += kChunk) {
@@ -541,21 +573,8 @@ static void block_sums(const Geometry& g, double* s1, double* s2, F&& run) {
         }
       }
     }
-  };
-  if (nested) {
-    body(0, g.n);
-  } else {
-    parallel(g, 0, g.n, 1, body);
-  }
-  for (int64_t i = 0; i < width; ++i) {
-    double u1 = 0, u2 = 0;
-    for (int t = 0; t < threads; ++t) {
-      u1 += t1[static_cast<size_t>(t) * width + i];
-      u2 += t2[static_cast<size_t>(t) * width + i];
-    }
-    s1[i] = u1;
-    s2[i] = u2;
-  }
+  });
+  sums.total(s1, s2);
 }
 
 // Sums per (ghost, channel) over the blocks layout with few samples: per-(sample, channel,

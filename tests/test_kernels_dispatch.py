@@ -398,3 +398,37 @@ def test_compiled_default_layer_updates_running_statistics() -> None:
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(compiled_layer, name), getattr(eager, name))
     assert not torch.equal(eager.running_mean, torch.zeros(5))
+
+
+@pytest.mark.usefixtures("built")
+def test_compiled_layer_with_sample_weights_and_warmup() -> None:
+    torch.manual_seed(1)
+    cfg: dict[str, Any] = {"warmup": True, "activation": "relu"}
+    eager, compiled_layer = bnkit.BatchNorm(6, **cfg), bnkit.BatchNorm(6, **cfg)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(8, 6, 3, 3) * 2 + 1
+    mask = (torch.rand(8, 3, 3) > 0.3).float()
+    with bnkit.policy(kernels="cpp"):
+        for _ in range(3):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = eager(xa, weights=mask), compiled(xb, weights=mask)
+            ya.sum().backward()
+            yb.sum().backward()
+            torch.testing.assert_close(yb, ya)
+            torch.testing.assert_close(xb.grad, xa.grad)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled_layer.state_dict()[name], value, msg=name)
+
+
+@pytest.mark.usefixtures("built")
+def test_training_step_inside_inference_mode(calls: dict[str, int]) -> None:
+    fast, ref = bnkit.BatchNorm2d(4), bnkit.BatchNorm2d(4)
+    x = torch.randn(8, 4, 3, 3)
+    quiet = {"no_grad_training": "ignore"}
+    with torch.inference_mode(), bnkit.policy(**quiet):
+        y_ref = ref(x)
+        with bnkit.policy(kernels="cpp"):
+            y = fast(x)
+    assert calls["train"] == 1
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(fast.running_var, ref.running_var)

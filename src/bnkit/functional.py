@@ -25,8 +25,9 @@ Dispatch in training (details in ``docs/architecture.md``):
 
 With ``impl="cpp"`` (or the policy ``kernels="cpp"``, which turns ``"auto"`` into ``"cpp"``),
 CPU inputs go to bnkit's C++ kernels (``bnkit.kernels.cpp``) wherever they serve the call:
-training without sample weights, adjustment or synchronization (plain, renorm, ghost batches,
-ReLU fused), and inference when no gradient is needed. Everything else takes the paths above.
+training without adjustment or synchronization (plain, renorm, ghost batches, sample weights
+that are the same for every channel and need no gradient, ReLU fused), and inference when no
+gradient is needed. Everything else takes the paths above.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ one), where the batch variance is 0 and the output all zeros: ``"raise"`` (defau
 
 ``kernels`` -- which CPU kernels run a layer: ``"torch"`` (default: PyTorch's own kernels
 where they are exact, so the default configuration is bit-identical to
-``torch.nn.BatchNorm*d``) or ``"cpp"`` (bnkit's C++ kernels, built on first use: 2-5x faster
-on CPU and covering renorm, ghost batches, ReLU and half-precision input too; results agree
-with PyTorch's to float rounding, not bit for bit). If the C++ kernels cannot be built,
+``torch.nn.BatchNorm*d``) or ``"cpp"`` (bnkit's C++ kernels, built on first use: up to 4x
+faster than PyTorch's CPU kernel in training, and covering renorm, ghost batches, sample
+weights, ReLU and half-precision input too; results agree with PyTorch's to float rounding,
+not bit for bit; see ``docs/guide.md``). If the C++ kernels cannot be built,
 ``"cpp"`` warns once and runs PyTorch's. The environment variable ``BNKIT_KERNELS`` sets the
 global default when bnkit is imported.
 

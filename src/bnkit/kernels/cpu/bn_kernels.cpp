@@ -6,12 +6,16 @@
 //   bn_eval(x, mean, var, weight?, bias?, eps, relu)
 //                                         y = act((x - mean_c) * gamma_c / sqrt(var_c + eps) + beta_c)
 //   bn_train(x, weight?, bias?, eps, ghosts, strided, renorm_mean?, renorm_std?, rmin?, rmax?,
-//            dmax?, relu) -> (y, mean, var, r, d)
-//                                         training forward: statistics per (ghost, channel),
-//                                         batch-renorm r and d from the ghost-averaged
-//                                         statistics, then y = act(gamma (x_hat r + d) + beta)
+//            dmax?, relu, running_mean?, running_var?, momentum, sample_weight?)
+//            -> (y, mean, var, r, d)
+//                                         training forward: statistics per (ghost, channel)
+//                                         (weighted with sample_weight), batch-renorm r and d
+//                                         from the ghost-averaged statistics, then
+//                                         y = act(gamma (x_hat r + d) + beta); PyTorch's
+//                                         running-statistics rule applied to the buffers if
+//                                         given. Autograd formula in C++ (TrainFunction).
 //   bn_backward(dy, x, mean, invstd, weight?, grad_mean?, grad_var?, ghosts, strided, r?, d?,
-//               output?) -> (dx, dweight, dbias)
+//               output?, sample_weight?) -> (dx, dweight, dbias)
 //                                         training backward: Σdy' and Σdy'·(x - mean) per
 //                                         (ghost, channel), then dx; dy' = dy masked by
 //                                         output > 0 when output (the ReLU's result) is given
@@ -21,11 +25,12 @@
 // memory formats, 2-D (N, C) input, or contiguous input with inner == 1). Anything else is made
 // contiguous first.
 //
-// Passes over memory. Blocks layout with enough channels for every thread: one task per
-// channel computes the channel's statistics, then normalizes it while its values are still in
-// the core's cache (the slice of one channel is N * inner values), so memory sees about one
-// read and one write, as a copy. Otherwise (few channels, or rows layout): a statistics pass,
-// then the normalize pass. The backward is organised the same way (its sums need dy and x).
+// Passes over memory. Blocks layout: tiles of adjacent channels sized for a core's cache
+// (tile_channels); one task per tile computes the tile's statistics, walking the samples in
+// memory order, then normalizes the tile while its values are still cached, so memory sees
+// about one read and one write, as a copy. Otherwise (a channel too large for the cache, fewer
+// channels than threads, sample weights, or the rows layout): a statistics pass, then the
+// normalize pass. The backward is organised the same way (its sums need dy and x).
 //
 // Statistics: every value is shifted by K, the first value of its (ghost, channel), so
 // large-mean data does not cancel; runs of at most kChunk values are summed in the accumulation

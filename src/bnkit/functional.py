@@ -295,7 +295,10 @@ def align_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor:
             shape[d] = size
         w = weights.reshape(shape)
     for d in range(x.ndim):
-        if w.shape[d] not in (1, x.shape[d]):
+        # Two comparisons, not `in (1, x.shape[d])`: after an automatic-dynamic recompile of
+        # the layer, Dynamo raised here for a mask that fits (sizes symbolic); the explicit
+        # comparisons trace as guards (test_compiled_layer_with_sample_weights_and_warmup).
+        if w.shape[d] != 1 and w.shape[d] != x.shape[d]:
             raise ValueError(
                 f"weights of shape {tuple(weights.shape)} do not broadcast against input of "
                 f"shape {tuple(x.shape)} (channel axis {axis}); weights are aligned from the "

@@ -432,3 +432,47 @@ def test_training_step_inside_inference_mode(calls: dict[str, int]) -> None:
     assert calls["train"] == 1
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(fast.running_var, ref.running_var)
+
+
+@pytest.mark.usefixtures("built")
+def test_kernels_command_reports_a_built_extension(capsys: pytest.CaptureFixture[str]) -> None:
+    from bnkit.cli import main
+
+    assert main(["kernels"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("bnkit C++ kernels: built")
+    assert cpp.build_directory() in out
+    assert main(["kernels", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["available"] is True
+    assert report["build_error"] is None
+    assert report["pool_limit_bytes"] >= 0
+    assert "-fno-math-errno" in report["flags"]
+
+
+def test_kernels_command_fails_clearly_without_a_compiler(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bnkit.cli import main
+
+    monkeypatch.setattr(cpp, "_state", {"loaded": False, "error": None, "warned": False})
+    monkeypatch.setattr(cpp, "_build", lambda: (_ for _ in ()).throw(OSError("no g++")))
+    assert main(["kernels"]) == 1
+    out = capsys.readouterr().out
+    assert "NOT AVAILABLE" in out
+    assert "OSError: no g++" in out
+    assert main(["kernels", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["available"] is False
+    assert report["pool_limit_bytes"] is None
+
+
+def test_build_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNKIT_EXTENSIONS_DIR", "/somewhere/else")
+    assert cpp.build_directory() == "/somewhere/else/bnkit_cpu_kernels"
+
+
+@pytest.mark.usefixtures("built")
+def test_pool_limit_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="bytes >= 0, got -1"):
+        cpp.set_pool_limit(-1)

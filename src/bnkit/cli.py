@@ -1,4 +1,4 @@
-"""Command line: ``bnkit demo``, ``bnkit doctor`` and ``bnkit bench`` (also ``python -m bnkit``).
+"""Command line: ``bnkit demo``, ``doctor``, ``bench`` and ``kernels`` (also ``python -m bnkit``).
 
 The CLI parses arguments and prints; the work happens in library functions.
 """
@@ -48,7 +48,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_arguments(doctor_parser)
     doctor_parser.set_defaults(handler=doctor.run_cli)
+
+    kernels_parser = commands.add_parser(
+        "kernels",
+        help="build bnkit's C++ CPU kernels now (if needed) and say where they are",
+        description="Build (or load from the cache) bnkit's C++ CPU kernels, the ones the "
+        "policy kernels='cpp' runs, and print their status. Run it once in an image build to "
+        "spare the first training step the compile. Exit status: 0 built, 1 they cannot be "
+        "built here (the reason is printed).",
+    )
+    kernels_parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    kernels_parser.set_defaults(handler=_kernels)
     return parser
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    import json
+    import warnings
+
+    from bnkit.kernels import cpp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cpp.CppKernelWarning)  # the status says it instead
+        status = cpp.status()
+    if args.json:
+        print(json.dumps(status._asdict(), indent=2))
+        return 0 if status.available else 1
+    print(f"bnkit C++ kernels: {'built' if status.available else 'NOT AVAILABLE'}")
+    print(f"  cache:   {status.build_directory}")
+    print(f"  flags:   {' '.join(status.flags)}")
+    print(f"  threads: {status.threads} (torch.get_num_threads())")
+    if status.available:
+        limit_mib = (status.pool_limit_bytes or 0) / 2**20
+        cached_mib = (status.cached_bytes or 0) / 2**20
+        print(f"  output pool: {cached_mib:.1f} MiB cached, limit {limit_mib:.0f} MiB")
+        print("  use them: bnkit.set_policy(kernels='cpp') or BNKIT_KERNELS=cpp")
+        return 0
+    print(f"  error:   {status.build_error}")
+    print("  bnkit runs PyTorch's kernels instead; a C++17 compiler and ninja are needed.")
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,7 @@ from torch import Tensor
 
 __all__ = [
     "CppKernelWarning",
+    "KernelStatus",
     "TrainOutput",
     "available",
     "bn_backward",
@@ -65,11 +66,13 @@ __all__ = [
     "bn_normalize",
     "bn_stats",
     "bn_train",
+    "build_directory",
     "build_error",
     "cached_bytes",
     "load",
     "ready",
     "set_pool_limit",
+    "status",
     "train",
 ]
 
@@ -96,14 +99,27 @@ def _source_paths() -> list[str]:
     return paths
 
 
+def build_directory() -> str:
+    """Where the compiled library is cached: ``$BNKIT_EXTENSIONS_DIR/bnkit_cpu_kernels``, or
+    PyTorch's extensions directory (``$TORCH_EXTENSIONS_DIR``, by default under
+    ``~/.cache/torch_extensions``)."""
+    root = os.environ.get("BNKIT_EXTENSIONS_DIR")
+    if root:
+        return str(Path(root) / _NAME)
+    from torch.utils import cpp_extension
+
+    # PyTorch's own rule for the default location (a private helper; its layout has been
+    # stable across releases: <root>/py<version>_<cpu|cuXY>/<name>).
+    return str(cpp_extension._get_build_directory(_NAME, False))
+
+
 def _build() -> None:
     """Compile (or load from the cache) and register the operators. Raises on failure."""
     from torch.utils import cpp_extension
 
-    build_dir = os.environ.get("BNKIT_EXTENSIONS_DIR")
     kwargs: dict[str, Any] = {}
-    if build_dir:
-        path = Path(build_dir) / _NAME
+    if os.environ.get("BNKIT_EXTENSIONS_DIR"):
+        path = Path(build_directory())
         path.mkdir(parents=True, exist_ok=True)
         kwargs["build_directory"] = str(path)
     cpp_extension.load(
@@ -248,6 +264,44 @@ def available() -> bool:
             )
         return False
     return True
+
+
+class KernelStatus(NamedTuple):
+    """What :func:`status` reports (``bnkit kernels`` prints it)."""
+
+    available: bool
+    build_error: str | None
+    build_directory: str
+    flags: tuple[str, ...]
+    threads: int
+    pool_limit_bytes: int | None  # None when the kernels are not available
+    cached_bytes: int | None
+
+
+def status() -> KernelStatus:
+    """Build the kernels if needed (one :class:`CppKernelWarning` if they cannot be built) and
+    report where they live, their flags, the threads they use and the output pool.
+
+    Example:
+        >>> from bnkit.kernels import cpp
+        >>> s = cpp.status()
+        >>> s.available == (s.build_error is None)
+        True
+    """
+    ok = available()
+    limit = cached = None
+    if ok:
+        limit = int(torch.ops.bnkit.pool_set_limit(-1))  # a negative limit only reads it
+        cached = cached_bytes()
+    return KernelStatus(
+        available=ok,
+        build_error=build_error(),
+        build_directory=build_directory(),
+        flags=tuple(_CFLAGS),
+        threads=torch.get_num_threads(),
+        pool_limit_bytes=limit,
+        cached_bytes=cached,
+    )
 
 
 def ready() -> bool:
@@ -429,7 +483,12 @@ def set_pool_limit(nbytes: int) -> int:
 
     The default is 1 GiB, or ``$BNKIT_POOL_MIB`` MiB. Returns the previous limit; lowering it
     frees the oldest cached blocks at once, so ``set_pool_limit(0)`` releases everything.
+
+    Raises:
+        ValueError: a negative ``nbytes``.
     """
+    if nbytes < 0:
+        raise ValueError(f"the pool limit is a number of bytes >= 0, got {nbytes}")
     if not _state["loaded"]:
         load()
     old: int = torch.ops.bnkit.pool_set_limit(int(nbytes))

@@ -1491,10 +1491,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_
 
 int64_t pool_cached_bytes() { return OutputPool::instance().cached_bytes(); }
 
+// Sets the pool's limit and returns the previous one; a negative value only reads it.
 int64_t pool_set_limit(int64_t bytes) {
   OutputPool& pool = OutputPool::instance();
   const int64_t old = pool.limit();
-  pool.set_limit(bytes);
+  if (bytes >= 0) pool.set_limit(bytes);
   return old;
 }
 

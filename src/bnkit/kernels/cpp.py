@@ -22,7 +22,9 @@ other strides are made contiguous first):
   most 2048 values summed in the accumulation type, the runs in float64 -- then
   ``y = act(γ·(x̂·r + d) + β)`` with batch renormalization's r, d from the ghost-averaged
   statistics. Differentiable: its autograd formula (C++, ``bn_backward``) covers x, γ, β and
-  the mean/var outputs; r and d are constants. :func:`train` is the Python entry point.
+  the mean/var outputs; r and d are constants. With ``create_graph=True`` (double backward)
+  the gradient is recomputed with differentiable ATen operations. :func:`train` is the Python
+  entry point.
 * ``bnkit::bn_backward(dy, x, mean, invstd, weight?, grad_mean?, grad_var?, ghosts, strided,
   r?, d?, output?) -> (dx, dweight, dbias)``: Σdy' and Σdy'·(x − μ) per (ghost, channel)
   (dy' = dy masked by ``output > 0`` for the fused ReLU), then
@@ -368,7 +370,8 @@ def bn_backward(
 
     ``grad_bias = Σdy``, ``grad_weight = Σdy·x̂`` (one pass, float64 per run) and
     ``grad_x = γ·invstd·(dy − Σdy/n − x̂·Σdy·x̂/n)`` (second pass), ``x̂ = (x − μ)·invstd``;
-    ``γ = 1`` when ``weight`` is None. Not differentiable itself (no double backward).
+    ``γ = 1`` when ``weight`` is None. Not differentiable itself: double backward through
+    :func:`train` recomputes the forward with differentiable operations instead.
     """
     if not _state["loaded"]:
         load()

@@ -54,6 +54,7 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/rsqrt.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/BFloat16.h>
@@ -1409,6 +1410,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
 
 // ------------------------------------------------------------------------------ autograd
 
+static torch::autograd::variable_list differentiable_backward(
+    torch::autograd::AutogradContext* ctx, const torch::autograd::variable_list& grads,
+    const torch::autograd::variable_list& saved);
+
 // The autograd formula of bn_train, in C++ so a training step pays no Python on the way in
 // or out. y depends on x, γ, β (r and d are constants); mean and var are differentiable
 // outputs too (their gradients fold into bn_backward's coefficients); r and d are not.
@@ -1452,6 +1457,12 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
     const at::Tensor &r = saved[4], &d = saved[5], &y = saved[6], &sw = saved[7];
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True (a gradient penalty, a Hessian-vector product): the kernel's
+      // gradient has no gradient of its own, so recompute the forward with differentiable
+      // ATen operations and differentiate that instead.
+      return differentiable_backward(ctx, grads, saved);
+    }
     auto opt = [](const at::Tensor& t) {
       return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
     };
@@ -1472,6 +1483,83 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     return out;
   }
 };
+
+// The first-order gradient of bn_train as a differentiable function of x, γ and the incoming
+// gradients (for double backward): the training forward recomputed from x with ATen
+// operations -- per (ghost, channel) weighted mean and biased variance, x̂, γ·(x̂·r + d) --
+// and differentiated with create_graph. r, d and the ReLU mask are constants, as in the
+// forward's own gradient.
+static torch::autograd::variable_list differentiable_backward(
+    torch::autograd::AutogradContext* ctx, const torch::autograd::variable_list& grads,
+    const torch::autograd::variable_list& saved) {
+  const at::Tensor &x = saved[0], &weight = saved[1], &r = saved[4], &d = saved[5];
+  const at::Tensor &y = saved[6], &sw = saved[7];
+  const double eps = ctx->saved_data["eps"].toDouble();
+  const int64_t gs = ctx->saved_data["ghosts"].toInt();
+  const bool strided = ctx->saved_data["strided"].toBool();
+  const int64_t n = x.size(0), c = x.size(1);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // (N, C, ...) -> (G, N/G, C, L): ghost g's samples along dim 1.
+  auto ghosted = [&](const at::Tensor& t, int64_t channels) {
+    const at::Tensor flat = t.reshape({n, channels, -1});
+    if (strided) return flat.reshape({n / gs, gs, channels, flat.size(2)}).transpose(0, 1);
+    return flat.reshape({gs, n / gs, channels, flat.size(2)});
+  };
+  const at::Tensor xg = ghosted(x.to(acc), c);
+  at::Tensor w;  // (G, N/G, 1, L or 1), or undefined
+  if (sw.defined()) {
+    const bool per_sample = sw.numel() == n;
+    const std::vector<int64_t> shape =
+        per_sample ? std::vector<int64_t>{n, 1} : std::vector<int64_t>{n, 1, -1};
+    w = ghosted(sw.to(acc).reshape(shape), 1);
+  }
+  const std::vector<int64_t> dims = {1, 3};
+  at::Tensor total, mu, centered, var;
+  if (w.defined()) {
+    total = (w * at::ones_like(xg.select(2, 0).unsqueeze(2))).sum(dims, true);
+    mu = (w * xg).sum(dims, true) / total;
+    centered = xg - mu;
+    var = (w * centered * centered).sum(dims, true) / total;
+  } else {
+    mu = xg.mean(dims, true);
+    centered = xg - mu;
+    var = (centered * centered).mean(dims, true);
+  }
+  at::Tensor out = centered * at::rsqrt(var + eps);  // x̂
+  at::Tensor scale = weight.defined() ? weight.to(acc).reshape({1, 1, c, 1}) : at::Tensor();
+  if (r.defined()) {
+    out = out * r.to(acc).reshape({1, 1, c, 1}) + d.to(acc).reshape({1, 1, c, 1});
+  }
+  if (scale.defined()) out = out * scale;
+  at::Tensor dy =
+      grads[0].defined() ? grads[0].to(acc) : at::zeros_like(x, x.options().dtype(acc));
+  if (y.defined()) dy = dy * y.gt(0).to(acc);  // the ReLU's mask: a constant
+  const at::Tensor dyg = ghosted(dy, c);
+  std::vector<at::Tensor> outputs = {out}, seeds = {dyg};
+  for (int i = 1; i <= 2; ++i) {  // the mean and var outputs' own gradients
+    if (grads[i].defined()) {
+      outputs.push_back((i == 1 ? mu : var).reshape({gs, c}));
+      seeds.push_back(grads[i].to(acc).reshape({gs, c}));
+    }
+  }
+  std::vector<at::Tensor> inputs;
+  const bool want_x = ctx->needs_input_grad(0) && x.requires_grad();
+  const bool want_w = weight.defined() && ctx->needs_input_grad(1) && weight.requires_grad();
+  if (want_x) inputs.push_back(x);
+  if (want_w) inputs.push_back(weight);
+  torch::autograd::variable_list result(16);
+  if (!inputs.empty()) {
+    auto got = torch::autograd::grad(outputs, inputs, seeds, /*retain_graph=*/true,
+                                     /*create_graph=*/true, /*allow_unused=*/true);
+    size_t k = 0;
+    if (want_x) result[0] = got[k++];
+    if (want_w) result[1] = got[k++];
+  }
+  if (ctx->saved_data["bias"].toBool()) {
+    result[2] = dyg.sum({0, 1, 3});  // dβ = Σ dy' over everything but the channel
+  }
+  return result;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,

@@ -560,3 +560,36 @@ def test_gradient_penalty_matches_the_default_path(options: dict[str, Any]) -> N
         results.append(torch.autograd.grad(penalty, (xg, layer.weight)))
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.usefixtures("built")
+def test_nonfinite_batch_is_skipped_on_the_cpp_path(calls: dict[str, int]) -> None:
+    layer = bnkit.BatchNorm2d(3)
+    layer(torch.randn(8, 3, 4, 4))  # one clean update first
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = torch.randn(8, 3, 4, 4)
+    bad[0, 1, 0, 0] = float("nan")
+    with bnkit.policy(kernels="cpp"), pytest.warns(bnkit.policies.BatchNormWarning, match="NaN"):
+        layer(bad)
+    assert calls["train"] == 1  # the kernel ran (and wrote NaN), the guard put it back
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(layer.state_dict()[name], before[name]), name
+    assert int(layer.num_skipped_updates) == 1
+
+
+@pytest.mark.usefixtures("built")
+def test_batchnorm3d_channels_last_3d_on_cpp_kernels(calls: dict[str, int]) -> None:
+    torch.manual_seed(4)
+    x = torch.randn(4, 5, 3, 4, 6).contiguous(memory_format=torch.channels_last_3d)
+    ref, fast = bnkit.BatchNorm3d(5), bnkit.BatchNorm3d(5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = ref(xa)
+    with bnkit.policy(kernels="cpp"):
+        yb = fast(xb)
+    assert yb.is_contiguous(memory_format=torch.channels_last_3d)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.running_var, ref.running_var)
+    assert calls["train"] == 1

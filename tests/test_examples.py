@@ -57,3 +57,18 @@ def test_ddp_train_under_torchrun_ends_with_identical_statistics() -> None:
     assert sorted(stats) == ["0", "1"], done.stdout
     assert stats["0"] == stats["1"]  # the running statistics, printed in full on each rank
     assert "identical on all 2 ranks: True" in done.stdout
+
+
+def test_fast_cpu_training_agrees_with_pytorch_kernels(capsys):
+    from bnkit.kernels import cpp
+
+    example = _load("fast_cpu_training")
+    runs = example.main(["--steps", "60"])
+    assert [run.kernels for run in runs] == ["torch", "cpp"]
+    assert runs[0].accuracy > 0.7  # it learns
+    assert abs(runs[0].accuracy - runs[1].accuracy) < 0.05
+    out = capsys.readouterr().out
+    gap = float(out.rsplit("after one step: ", 1)[1].split()[0])
+    assert gap < 1e-5
+    if not cpp.available():  # pragma: no cover - no compiler
+        assert "cannot be built" in out

@@ -593,3 +593,13 @@ def test_batchnorm3d_channels_last_3d_on_cpp_kernels(calls: dict[str, int]) -> N
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.running_var, ref.running_var)
     assert calls["train"] == 1
+
+
+@pytest.mark.usefixtures("built")
+def test_pooled_output_storage_can_shrink_to_nothing_and_grow_again() -> None:
+    y = cpp.train(torch.randn(8, 64, 32, 32)).y  # 2 MiB: from the output pool
+    storage = y.untyped_storage()
+    storage.resize_(0)
+    assert storage.nbytes() == 0
+    storage.resize_(64)
+    assert storage.nbytes() == 64

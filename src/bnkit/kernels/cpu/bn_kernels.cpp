@@ -89,6 +89,7 @@ class OutputPool final : public c10::Allocator {
   static constexpr size_t kPoolMinBytes = size_t(1) << 20;
 
   c10::DataPtr allocate(size_t n) override {
+    if (n == 0) return {nullptr, c10::Device(c10::DeviceType::CPU)};  // e.g. resize_ to 0
     Block* b = take(n);
     if (b == nullptr) {
       void* p = nullptr;

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import is_lazy
 
+from bnkit import running
 from bnkit.modules import LAZY_BUFFERS, BatchNorm
 from bnkit.presets import KerasBatchNorm, SlimBatchNorm
 
@@ -91,24 +92,9 @@ _DERIVED_STATS = (
 )
 # Local names that mark a batch-norm layer in a bare state dict.
 _STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked", *_DERIVED_STATS)
-_PER_CHANNEL = (
-    "weight",
-    "bias",
-    "running_mean",
-    "running_var",
-    "running_stddev",
-    "renorm_mean",
-    "renorm_stddev",
-    "running_mean_biased",
-    "running_var_biased",
-)
-_COUNTERS = (
-    "num_batches_tracked",
-    "running_mean_local_step",
-    "running_var_local_step",
-    *_OPTIONAL_BUFFERS,
-)
-_NONNEGATIVE = ("running_var", "running_var_biased", "running_stddev", "renorm_stddev")
+_PER_CHANNEL = ("weight", "bias", *running.FLOAT_STAT_BUFFERS)
+_COUNTERS = (*running.COUNTER_BUFFERS, *_OPTIONAL_BUFFERS)
+_NONNEGATIVE = running.NONNEGATIVE_STAT_BUFFERS
 # Wrappers that training scripts put around a state dict, in order of preference.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 # Prefixes that DataParallel/DistributedDataParallel and torch.compile add to every key.

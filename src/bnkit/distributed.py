@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bnkit import running
+
 __all__ = [
     "GroupHandle",
     "SyncedMoments",
@@ -386,16 +388,8 @@ def sync_ghost_statistics(
 # --------------------------------------------------------------- running statistics
 
 # Floating-point statistics averaged over ranks; running_var is recomputed for renorm.
-_FLOAT_STATS = (
-    "running_mean",
-    "running_var",
-    "running_mean_biased",
-    "running_var_biased",
-    "running_stddev",
-    "renorm_mean",
-    "renorm_stddev",
-)
-_COUNTERS = ("num_batches_tracked", "running_mean_local_step", "running_var_local_step")
+_FLOAT_STATS = running.FLOAT_STAT_BUFFERS
+_COUNTERS = running.COUNTER_BUFFERS
 
 
 def _norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

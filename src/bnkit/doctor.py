@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit import checkpoint as ckpt
-from bnkit import tf_import
+from bnkit import running, tf_import
 from bnkit.calibrate import CalibrationReport, recalibrate
 from bnkit.checkpoint import CheckpointError, Finding, FindingsSummary
 from bnkit.modules import BatchNorm
@@ -122,18 +122,8 @@ RANK_PARAM_RTOL = 1e-4
 FEW_SAMPLES = 100
 
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
-_VECTOR_ROLES = (
-    "weight",
-    "bias",
-    "running_mean",
-    "running_var",
-    "running_mean_biased",
-    "running_var_biased",
-    "running_stddev",
-    "renorm_mean",
-    "renorm_stddev",
-)
-_NONNEGATIVE = ("running_var", "running_var_biased", "running_stddev", "renorm_stddev")
+_VECTOR_ROLES = ("weight", "bias", *running.FLOAT_STAT_BUFFERS)
+_NONNEGATIVE = running.NONNEGATIVE_STAT_BUFFERS
 # TF/Keras variable roles -> bnkit/torch names.
 _TF_ROLES = {
     "gamma": "weight",

@@ -25,6 +25,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "COUNTER_BUFFERS",
+    "FLOAT_STAT_BUFFERS",
+    "NONNEGATIVE_STAT_BUFFERS",
     "BatchStats",
     "MovingAverageRule",
     "RunningState",
@@ -46,6 +49,23 @@ __all__ = [
 ]
 
 RunningVar = Literal["unbiased", "biased"]
+
+#: The buffer names of the floating-point running statistics a layer may hold (one value per
+#: channel each); the one list that the checkpoint checks, the doctor and the cross-rank
+#: averaging read.
+FLOAT_STAT_BUFFERS = (
+    "running_mean",
+    "running_var",
+    "running_mean_biased",
+    "running_var_biased",
+    "running_stddev",
+    "renorm_mean",
+    "renorm_stddev",
+)
+#: The integer counters among the statistic buffers (scalars).
+COUNTER_BUFFERS = ("num_batches_tracked", "running_mean_local_step", "running_var_local_step")
+#: The statistics that can never be negative.
+NONNEGATIVE_STAT_BUFFERS = ("running_var", "running_var_biased", "running_stddev", "renorm_stddev")
 ZeroDebias = Literal[False, "mean", "both"]
 
 

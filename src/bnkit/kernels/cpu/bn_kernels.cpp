@@ -98,7 +98,7 @@ class OutputPool final : public c10::Allocator {
       }
       b = new Block{p, n};
     }
-    report(b->ptr, static_cast<int64_t>(n), true);
+    report(b->ptr, static_cast<int64_t>(n));
     return {b->ptr, b, &OutputPool::give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -159,7 +159,7 @@ class OutputPool final : public c10::Allocator {
   static void give_back(void* ctx) {
     OutputPool& pool = instance();
     Block* b = static_cast<Block*>(ctx);
-    pool.report(b->ptr, -static_cast<int64_t>(b->size), false);
+    pool.report(b->ptr, -static_cast<int64_t>(b->size));
     std::lock_guard<std::mutex> lock(pool.mutex_);
     pool.live_ -= b->size;
     pool.free_.push_back(b);
@@ -177,8 +177,7 @@ class OutputPool final : public c10::Allocator {
     }
   }
 
-  void report(void* ptr, int64_t delta, bool locked_before) {
-    (void)locked_before;
+  void report(void* ptr, int64_t delta) {
     if (!c10::memoryProfilingEnabled()) return;
     size_t live, reserved;
     {

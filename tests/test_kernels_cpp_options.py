@@ -631,7 +631,7 @@ OPCHECK_INPUTS = {
 def test_opcheck_train_and_backward_with_options(make_x) -> None:
     x = make_x()
     args = opcheck_train_args(x)
-    y, mean, var, r, d = torch.ops.bnkit.bn_train(*args)
+    y, mean, var, r, d, _updated = torch.ops.bnkit.bn_train(*args)
     assert mean.shape == (2, x.shape[1])
     # With every differentiable input requiring grad (checks the autograd registration too).
     grad_args = tuple(a.clone().requires_grad_() if i < 3 else a for i, a in enumerate(args))
@@ -662,7 +662,7 @@ def test_compiled_training_step_equals_eager() -> None:
     def step(
         t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y, mean, var, _r, _d = torch.ops.bnkit.bn_train(
+        y, mean, var, _r, _d, _updated = torch.ops.bnkit.bn_train(
             t, weight, bias, EPS, 2, True, rm, rs, 0.8, 1.25, 0.5, True
         )
         loss = (y * dy).sum() + (mean * gm).sum() + (var * gv).sum()

@@ -571,7 +571,7 @@ def test_nonfinite_batch_is_skipped_on_the_cpp_path(calls: dict[str, int]) -> No
     bad[0, 1, 0, 0] = float("nan")
     with bnkit.policy(kernels="cpp"), pytest.warns(bnkit.policies.BatchNormWarning, match="NaN"):
         layer(bad)
-    assert calls["train"] == 1  # the kernel ran (and wrote NaN), the guard put it back
+    assert calls["train"] == 1  # the kernel ran; its guard left the statistics as they were
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(layer.state_dict()[name], before[name]), name
     assert int(layer.num_skipped_updates) == 1

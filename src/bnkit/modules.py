@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from bnkit import distributed, running
 from bnkit import functional as bnf
 from bnkit.functional import Activation, Adjustment, GhostLayout
+from bnkit.kernels import cpp
 from bnkit.policies import BatchNormWarning, check_policies, get_policy, is_calibrating
 from bnkit.running import MovingAverageRule, RunningState, RunningVar, ZeroDebias
 
@@ -33,6 +34,7 @@ class _Default(float):
 
 _MOMENTUM_DEFAULT = _Default(0.1)
 _HALF = (torch.float16, torch.bfloat16)
+_FULL = (torch.float32, torch.float64)
 
 # Buffers that exist only when needed: while frozen, and once an update was skipped.
 LAZY_BUFFERS = ("frozen", "num_skipped_updates")
@@ -527,6 +529,10 @@ class BatchNorm(nn.Module):
         Returns:
             The normalized tensor, same shape and dtype as ``x``.
         """
+        if training is None and weights is None:
+            y = self._one_kernel_call(x)
+            if y is not None:
+                return y
         a = self._check_input(x)
         training = self.training if training is None else bool(training)
         if self._buffers.get("frozen") is not None:
@@ -593,6 +599,82 @@ class BatchNorm(nn.Module):
         if before is not None:
             self._check_update(state, before, nonfinite)
         return y
+
+    def _one_kernel_call(self, x: Tensor) -> Tensor | None:
+        """The whole call as one C++ operator, or None where :meth:`forward`'s path must run.
+
+        Under the policy ``kernels="cpp"``, in eager mode, a layer whose step is only what the
+        operators do -- statistics, PyTorch's running-statistics rule, the affine transform, a
+        fused ReLU; or the inference pass without gradients -- skips the general path's
+        dispatch: on mid-sized activations its checks, snapshots and small operations cost
+        about a third as much as the kernel itself (docs/benchmarks.md). The operator also
+        advances ``num_batches_tracked`` and makes the non-finite guard's decision (it skips
+        an update that would store a NaN or an infinity), so the policies behave as on the
+        general path.
+
+        Anything unusual (no kernels yet, compiling, half-precision input, mismatched dtypes
+        or channels, one value per channel, training without gradients that the
+        ``no_grad_training`` policy reports, an option beyond these) returns None, and
+        :meth:`forward` handles it, with its checks and messages.
+        """
+        if get_policy("kernels", self.policy) != "cpp" or not cpp.ready():
+            return None
+        if x.dtype not in _FULL or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
+            return None
+        if torch.compiler.is_compiling() or self.activation not in (None, "relu"):
+            return None
+        p, b = self._parameters, self._buffers
+        weight, bias = p["weight"], p["bias"]
+        running_mean, running_var = b["running_mean"], b["running_var"]
+        own = weight if weight is not None else running_mean
+        a = bnf.canonical_axis(self.axis, x.dim())
+        if x.shape[a] != self.num_features or (own is not None and own.dtype != x.dtype):
+            return None
+        self._check_input_dim(x)  # a subclass's rank check (BatchNorm2d wants 4-D input)
+        xt = x.movedim(a, 1) if a != 1 else x
+        relu = self.activation == "relu"
+        if not self.training or b.get("frozen") is not None:
+            if running_mean is None or running_var is None or bnf._needs_grad(x, weight, bias):
+                return None
+            y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, self.eps, relu=relu)
+            return y.movedim(1, a) if a != 1 else y
+        if (
+            running_mean is None
+            or running_var is None
+            or running_mean.dtype != x.dtype
+            or self.renorm
+            or self.sync
+            or self.virtual_batch_size is not None
+            or self.adjustment is not None
+            or x.numel() == x.shape[a]  # one value per channel: the single_value policy
+            or not self._updates_running_stats(x, None)
+        ):
+            return None
+        if not torch.is_grad_enabled() and not (
+            is_calibrating() or get_policy("no_grad_training", self.policy) == "ignore"
+        ):
+            return None  # forward() warns (or raises) about the forgotten model.eval()
+        state = self._running_state()
+        momentum = running.kernel_momentum(state, self._rule, self._running_var_for(x, None))
+        if momentum is None:
+            return None
+        nonfinite = get_policy("nonfinite", self.policy)
+        guard = nonfinite != "update"
+        out = cpp.train(
+            xt,
+            weight,
+            bias,
+            self.eps,
+            relu=relu,
+            running_mean=running_mean,
+            running_var=running_var,
+            momentum=momentum,
+            num_batches_tracked=state.num_batches_tracked,
+            guard=guard,
+        )
+        if guard and not out.updated.item():
+            self._report_skipped_update(state, nonfinite)
+        return out.y.movedim(1, a) if a != 1 else out.y
 
     def _train_and_update(
         self, x: Tensor, weights: Tensor | None, state: RunningState, options: dict[str, Any]
@@ -694,12 +776,20 @@ class BatchNorm(nn.Module):
         if running.is_finite(state):
             return
         running.restore_(state, before)
+        self._report_skipped_update(state, nonfinite)
+
+    def _report_skipped_update(self, state: RunningState, nonfinite: str) -> None:
+        """Count an update left out for non-finite statistics; warn, or raise under "raise".
+
+        ``state`` holds the statistics as they were before the batch (restored, or never
+        written when the kernel's guard decided).
+        """
         skipped = self._buffers.get("num_skipped_updates")
         if skipped is None:
             skipped = torch.zeros((), dtype=torch.long, device=state.mean.device)
             self.register_buffer("num_skipped_updates", skipped)
         skipped.add_(1)
-        was_finite = all(bool(torch.isfinite(v).all()) for v in before.values())
+        was_finite = running.is_finite(state)
         already = (
             ""
             if was_finite

@@ -17,11 +17,13 @@ float32 statistics; channels on dim 1; NCHW-contiguous, channels-last and 2-D (N
 other strides are made contiguous first):
 
 * ``bnkit::bn_train(x, weight?, bias?, eps, ghosts=1, strided=False, renorm_mean?,
-  renorm_std?, rmin?, rmax?, dmax?, relu=False) -> (y, mean, var, r, d)``: the training
-  forward. Statistics per (ghost batch, channel) -- shifted by the first value, runs of at
-  most 2048 values summed in the accumulation type, the runs in float64 -- then
+  renorm_std?, rmin?, rmax?, dmax?, relu=False, running_mean?, running_var?, momentum,
+  sample_weight?, num_batches_tracked?, guard=False) -> (y, mean, var, r, d, updated)``: the
+  training forward. Statistics per (ghost batch, channel) -- shifted by the first value, runs
+  of at most 2048 values summed in the accumulation type, the runs in float64 -- then
   ``y = act(γ·(x̂·r + d) + β)`` with batch renormalization's r, d from the ghost-averaged
-  statistics. Differentiable: its autograd formula (C++, ``bn_backward``) covers x, γ, β and
+  statistics; PyTorch's running-statistics rule on the buffers given (see :func:`train`).
+  Differentiable: its autograd formula (C++, ``bn_backward``) covers x, γ, β and
   the mean/var outputs; r and d are constants. With ``create_graph=True`` (double backward)
   the gradient is recomputed with differentiable ATen operations. :func:`train` is the Python
   entry point.
@@ -204,7 +206,9 @@ def _register_fakes() -> None:
         running_var: Tensor | None = None,
         momentum: float = 0.0,
         sample_weight: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        num_batches_tracked: Tensor | None = None,
+        guard: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         c = x.shape[1]
         dt = stats_dtype(x)
         stat_shape = (c,) if ghosts == 1 else (ghosts, c)
@@ -215,6 +219,7 @@ def _register_fakes() -> None:
             x.new_empty(stat_shape, dtype=dt),
             x.new_empty(rd, dtype=dt),
             x.new_empty(rd, dtype=dt),
+            x.new_empty((), dtype=torch.bool),
         )
 
     for name, fn in (
@@ -403,6 +408,7 @@ class TrainOutput(NamedTuple):
     var: Tensor  # biased, same shape as mean
     r: Tensor  # (C,) with renorm, else empty
     d: Tensor
+    updated: Tensor  # 0-d bool: False when the guard skipped the running update
 
 
 def train(
@@ -423,6 +429,8 @@ def train(
     running_var: Tensor | None = None,
     momentum: float = 0.0,
     sample_weight: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    guard: bool = False,
 ) -> TrainOutput:
     """The training forward with every option the kernels serve, differentiable.
 
@@ -436,7 +444,11 @@ def train(
     With ``running_mean``/``running_var`` (contiguous float32/float64 buffers), PyTorch's rule
     is applied to them in place, as ``torch.nn.functional.batch_norm`` does:
     ``stat += momentum·(batch − stat)`` with the mean and the Bessel-corrected variance
-    (``n/max(n − 1, 1)``), averaged over ghosts, in float64.
+    (``n/max(n − 1, 1)``), averaged over ghosts, in float64. ``num_batches_tracked`` (a
+    one-element int64 tensor; needs the running buffers) is then advanced by one, as PyTorch
+    counts. With ``guard``, an update that would store a NaN or an infinity in either buffer is
+    skipped whole (buffers and counter unchanged) and ``updated`` is False; the layer's
+    ``nonfinite`` policy reports it.
 
     ``sample_weight`` (no ghosts; no gradient): frequency weights, the same for every channel,
     per sample (``N`` values) or per position (``N·H·W`` values in sample-then-position order):
@@ -452,7 +464,7 @@ def train(
     """
     if not _state["loaded"]:
         load()
-    y, mean, var, r, d = torch.ops.bnkit.bn_train(
+    y, mean, var, r, d, updated = torch.ops.bnkit.bn_train(
         x,
         weight,
         bias,
@@ -469,8 +481,10 @@ def train(
         running_var,
         momentum,
         sample_weight,
+        num_batches_tracked,
+        guard,
     )
-    return TrainOutput(y, mean, var, r, d)
+    return TrainOutput(y, mean, var, r, d, updated)
 
 
 def cached_bytes() -> int:

@@ -6,14 +6,17 @@
 //   bn_eval(x, mean, var, weight?, bias?, eps, relu)
 //                                         y = act((x - mean_c) * gamma_c / sqrt(var_c + eps) + beta_c)
 //   bn_train(x, weight?, bias?, eps, ghosts, strided, renorm_mean?, renorm_std?, rmin?, rmax?,
-//            dmax?, relu, running_mean?, running_var?, momentum, sample_weight?)
-//            -> (y, mean, var, r, d)
+//            dmax?, relu, running_mean?, running_var?, momentum, sample_weight?,
+//            num_batches_tracked?, guard) -> (y, mean, var, r, d, updated)
 //                                         training forward: statistics per (ghost, channel)
 //                                         (weighted with sample_weight), batch-renorm r and d
 //                                         from the ghost-averaged statistics, then
 //                                         y = act(gamma (x_hat r + d) + beta); PyTorch's
 //                                         running-statistics rule applied to the buffers if
-//                                         given. Autograd formula in C++ (TrainFunction).
+//                                         given (and the counter advanced); with guard, an
+//                                         update that would leave a non-finite value is
+//                                         skipped (updated = false). Autograd formula in C++
+//                                         (TrainFunction).
 //   bn_backward(dy, x, mean, invstd, weight?, grad_mean?, grad_var?, ghosts, strided, r?, d?,
 //               output?, sample_weight?) -> (dx, dweight, dbias)
 //                                         training backward: Σdy' and Σdy'·(x - mean) per
@@ -53,6 +56,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/rsqrt.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros_like.h>
@@ -1113,9 +1117,14 @@ at::Tensor bn_eval(const at::Tensor& input, const at::Tensor& mean, const at::Te
 // (n/max(n − 1, 1), n values per channel per ghost) averaged over ghosts, in float64, stored in
 // the buffer's dtype. bnkit's running.py delegates this one rule to the kernels (see
 // docs/architecture.md); every other rule stays there.
-static void update_running(const Geometry& g, const std::vector<double>& mean,
+//
+// With guard (the layer's nonfinite policy): when any value the update would store is NaN or
+// infinite (a batch with a NaN or an inf, or buffers that already were), nothing is written and
+// the result is false; the layer then counts and reports the skipped update. This is the same
+// decision as the layer's snapshot-and-restore check, made before writing instead of after.
+static bool update_running(const Geometry& g, const std::vector<double>& mean,
                            const std::vector<double>& var, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, double momentum) {
+                           const at::Tensor& running_var, double momentum, bool guard) {
   const double n = g.denominator();
   const double bessel = n / std::max(n - 1.0, 1.0);
   const double gs = static_cast<double>(g.ghosts);
@@ -1126,17 +1135,32 @@ static void update_running(const Geometry& g, const std::vector<double>& mean,
       vu[ch] += var[gh * g.c + ch] * bessel / gs;
     }
   }
-  auto apply = [&](const at::Tensor& buffer, const std::vector<double>& value) {
+  // The new values in the buffer's dtype first (a float32 buffer can overflow where the
+  // double value did not), written only once both buffers are known to stay finite.
+  auto updated = [&](const at::Tensor& buffer, std::vector<double>& value) {
+    bool finite = true;
     AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "bnkit_running", [&] {
-      scalar_t* p = buffer.data_ptr<scalar_t>();
+      const scalar_t* p = buffer.const_data_ptr<scalar_t>();
       for (int64_t ch = 0; ch < g.c; ++ch) {
         const double old = static_cast<double>(p[ch]);
-        p[ch] = static_cast<scalar_t>(old + momentum * (value[ch] - old));
+        const scalar_t next = static_cast<scalar_t>(old + momentum * (value[ch] - old));
+        finite = finite && std::isfinite(static_cast<double>(next));
+        value[ch] = static_cast<double>(next);  // exact: next is a scalar_t
       }
     });
+    return finite;
   };
-  apply(running_mean, mu);
-  apply(running_var, vu);
+  const bool finite = updated(running_mean, mu) & updated(running_var, vu);
+  if (guard && !finite) return false;
+  auto store = [&](const at::Tensor& buffer, const std::vector<double>& value) {
+    AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "bnkit_running_store", [&] {
+      scalar_t* p = buffer.data_ptr<scalar_t>();
+      for (int64_t ch = 0; ch < g.c; ++ch) p[ch] = static_cast<scalar_t>(value[ch]);
+    });
+  };
+  store(running_mean, mu);
+  store(running_var, vu);
+  return true;
 }
 
 static void check_running(const std::optional<at::Tensor>& t, int64_t c, const char* name) {
@@ -1147,14 +1171,15 @@ static void check_running(const std::optional<at::Tensor>& t, int64_t c, const c
               "bnkit: ", name, " must be a contiguous float32 or float64 CPU tensor");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, int64_t ghosts, bool strided,
     const std::optional<at::Tensor>& renorm_mean, const std::optional<at::Tensor>& renorm_std,
     std::optional<double> rmin, std::optional<double> rmax, std::optional<double> dmax,
     bool relu, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, double momentum,
-    const std::optional<at::Tensor>& sample_weight) {
+    const std::optional<at::Tensor>& sample_weight,
+    const std::optional<at::Tensor>& num_batches_tracked, bool guard) {
   check_input(input);
   Geometry g = geometry_of(input, ghosts, strided);
   attach_weights(g, sample_weight);
@@ -1181,6 +1206,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
               "bnkit::bn_train: give both running_mean and running_var, or neither");
   check_running(running_mean, g.c, "running_mean");
   check_running(running_var, g.c, "running_var");
+  if (has(num_batches_tracked)) {
+    TORCH_CHECK(has(running_mean), "bnkit::bn_train: num_batches_tracked counts updates of ",
+                "running_mean/running_var; give them too");
+    TORCH_CHECK(num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu() &&
+                    num_batches_tracked->scalar_type() == at::kLong,
+                "bnkit::bn_train: num_batches_tracked must be a one-element int64 CPU tensor");
+  }
   const int64_t width = g.ghosts * g.c, rd = f.renorm() ? g.c : 0;
   std::vector<double> mean(width), var(width), r(rd), d(rd);
   at::Tensor y = new_like(g.x);
@@ -1196,14 +1228,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train(
       }
     });
   }
+  bool applied = true;
   if (has(running_mean) && g.c > 0 && g.x.numel() > 0) {
-    update_running(g, mean, var, *running_mean, *running_var, momentum);
+    applied = update_running(g, mean, var, *running_mean, *running_var, momentum, guard);
   }
+  // As torch.nn.BatchNorm*d counts its training calls; an update the guard skipped is not one.
+  if (applied && has(num_batches_tracked)) ++num_batches_tracked->data_ptr<int64_t>()[0];
   const auto out = stats_dtype(input.scalar_type());
   std::vector<int64_t> stat_shape = {g.c};
   if (g.ghosts != 1) stat_shape = {g.ghosts, g.c};
-  return {y, tensor_of(mean, stat_shape, out), tensor_of(var, stat_shape, out),
-          tensor_of(r, {rd}, out), tensor_of(d, {rd}, out)};
+  return {y,
+          tensor_of(mean, stat_shape, out),
+          tensor_of(var, stat_shape, out),
+          tensor_of(r, {rd}, out),
+          tensor_of(d, {rd}, out),
+          at::scalar_tensor(applied, at::TensorOptions().dtype(at::kBool))};
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -1426,16 +1465,18 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
       const std::optional<at::Tensor>& renorm_std, std::optional<double> rmin,
       std::optional<double> rmax, std::optional<double> dmax, bool relu,
       const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-      double momentum, const std::optional<at::Tensor>& sample_weight) {
-    at::AutoDispatchBelowADInplaceOrView guard;
+      double momentum, const std::optional<at::Tensor>& sample_weight,
+      const std::optional<at::Tensor>& num_batches_tracked, bool guard) {
+    at::AutoDispatchBelowADInplaceOrView below;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bnkit::bn_train", "")
                          .typed<decltype(bn_train)>();
-    auto [y, mean, var, r, d] = op.call(x, weight, bias, eps, ghosts, strided, renorm_mean,
-                                        renorm_std, rmin, rmax, dmax, relu, running_mean,
-                                        running_var, momentum, sample_weight);
+    auto [y, mean, var, r, d, updated] =
+        op.call(x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax, dmax,
+                relu, running_mean, running_var, momentum, sample_weight, num_batches_tracked,
+                guard);
     // Skipping ADInplaceOrView above also skips its version-counter bump of the buffers.
-    for (const auto* t : {&running_mean, &running_var}) {
+    for (const auto* t : {&running_mean, &running_var, &num_batches_tracked}) {
       if (has(*t) && !(*t)->is_inference()) (*t)->unsafeGetTensorImpl()->bump_version();
     }
     const bool renorm = has(renorm_std);
@@ -1448,8 +1489,8 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     ctx->saved_data["ghosts"] = ghosts;
     ctx->saved_data["strided"] = strided;
     ctx->saved_data["bias"] = has(bias);
-    ctx->mark_non_differentiable({r, d});
-    return {y, mean, var, r, d};
+    ctx->mark_non_differentiable({r, d, updated});
+    return {y, mean, var, r, d, updated};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -1476,7 +1517,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
                                 ctx->saved_data["strided"].toBool(), opt(r), opt(d), opt(y),
                                 opt(sw));
     // No gradient for the sample weights: callers send weights that need one elsewhere.
-    torch::autograd::variable_list out(16);
+    torch::autograd::variable_list out(18);
     out[0] = gx;
     if (weight.defined()) out[1] = gw.to(weight.scalar_type());
     if (ctx->saved_data["bias"].toBool()) out[2] = gb;
@@ -1547,7 +1588,7 @@ static torch::autograd::variable_list differentiable_backward(
   const bool want_w = weight.defined() && ctx->needs_input_grad(1) && weight.requires_grad();
   if (want_x) inputs.push_back(x);
   if (want_w) inputs.push_back(weight);
-  torch::autograd::variable_list result(16);
+  torch::autograd::variable_list result(18);
   if (!inputs.empty()) {
     auto got = torch::autograd::grad(outputs, inputs, seeds, /*retain_graph=*/true,
                                      /*create_graph=*/true, /*allow_unused=*/true);
@@ -1561,18 +1602,20 @@ static torch::autograd::variable_list differentiable_backward(
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_train_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bn_train_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, int64_t ghosts, bool strided,
     const std::optional<at::Tensor>& renorm_mean, const std::optional<at::Tensor>& renorm_std,
     std::optional<double> rmin, std::optional<double> rmax, std::optional<double> dmax,
     bool relu, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, double momentum,
-    const std::optional<at::Tensor>& sample_weight) {
+    const std::optional<at::Tensor>& sample_weight,
+    const std::optional<at::Tensor>& num_batches_tracked, bool guard) {
   auto out = TrainFunction::apply(input, weight, bias, eps, ghosts, strided, renorm_mean,
                                   renorm_std, rmin, rmax, dmax, relu, running_mean, running_var,
-                                  momentum, sample_weight);
-  return {out[0], out[1], out[2], out[3], out[4]};
+                                  momentum, sample_weight, num_batches_tracked, guard);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
 // ------------------------------------------------------------------------------ pool control
@@ -1600,8 +1643,8 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
       "bool strided=False, Tensor? renorm_mean=None, Tensor? renorm_std=None, "
       "float? rmin=None, float? rmax=None, float? dmax=None, bool relu=False, "
       "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, float momentum=0.0, "
-      "Tensor? sample_weight=None) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? sample_weight=None, Tensor(c!)? num_batches_tracked=None, bool guard=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor? grad_mean=None, Tensor? grad_var=None, int ghosts=1, bool strided=False, "

@@ -1490,6 +1490,8 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     ctx->saved_data["strided"] = strided;
     ctx->saved_data["bias"] = has(bias);
     ctx->mark_non_differentiable({r, d, updated});
+    // Outputs without a gradient stay undefined in backward (no zero tensors to allocate).
+    ctx->set_materialize_grads(false);
     return {y, mean, var, r, d, updated};
   }
 

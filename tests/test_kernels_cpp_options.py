@@ -33,13 +33,15 @@ HALF = [torch.bfloat16, torch.float16]
 
 # (shape, layout) and the path of bn_kernels.cpp each one takes.
 CASES = [
-    ((8, 4, 16, 16), "contiguous"),  # blocks, C >= threads, inner >= 128: per-channel fused
+    # blocks, C >= threads: tiles of channels; inner >= 64: one loop per (sample, channel)
+    ((8, 4, 16, 16), "contiguous"),
     ((8, 4, 16, 16), "channels_last"),  # rows layout
-    ((16, 6, 3, 5), "contiguous"),  # inner < 128, N >= 8: sample-major statistics pass
+    # tiles with inner < 64: one loop per sample over the tile, per-channel constants spread
+    ((16, 6, 3, 5), "contiguous"),
     ((16, 6, 3, 5), "channels_last"),
-    # inner > 2048 (two runs); 2 threads: N < 8 → per-(sample, channel, run) sums; 1 thread:
-    # per-channel fused.
-    ((4, 3, 48, 48), "contiguous"),
+    # ... and N > 2048: the element-wise sums are folded into float64 every 2048 samples
+    ((2052, 2, 3), "contiguous"),
+    ((4, 3, 48, 48), "contiguous"),  # inner > 2048: two runs per (sample, channel)
     ((8, 40, 20, 20), "channels_last"),  # rows: a ghost spans several row pieces
     ((12, 1, 6, 7), "contiguous"),  # C = 1
     ((12, 5, 1, 1), "contiguous"),  # HW = 1 (rows: inner == 1)

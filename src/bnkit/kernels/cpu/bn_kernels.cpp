@@ -421,6 +421,70 @@ static void for_each_tile_run(const Geometry& g, int64_t c0, int64_t c1, F&& f) 
   }
 }
 
+// Tiles of short channels (inner below kShortInner, e.g. 7x7 maps) are walked one sample at a
+// time as a single run over the tile's (c1 - c0)·inner values, with the per-channel constants
+// spread over that run: one vector loop per sample instead of one short loop per (sample,
+// channel), whose set-up and horizontal sums cost as much as its values. Measured on
+// 128x512x7x7: training forward 1.7x -> 1.5x the time of a copy; on 14x14 maps the spread
+// constants' extra loads cost more than they save (1.35x -> 1.5x), hence the bound.
+constexpr int64_t kShortInner = 64;
+
+static bool short_runs(const Geometry& g) { return g.inner < kShortInner; }
+
+// Per-(channel, ghost) values of a tile, indexed (ch - c0)·ghosts + gh, spread over the
+// tile's sample run: element gh·len + (ch - c0)·inner + j holds the (ch, gh) value.
+template <typename A>
+static std::vector<A> spread(const Geometry& g, const std::vector<A>& pairs, int64_t k) {
+  const int64_t len = k * g.inner;
+  std::vector<A> out(g.ghosts * len);
+  for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+    for (int64_t ch = 0; ch < k; ++ch) {
+      std::fill_n(out.begin() + gh * len + ch * g.inner, g.inner, pairs[ch * g.ghosts + gh]);
+    }
+  }
+  return out;
+}
+
+// Sums over the samples of a tile with short channels: run(offset, q1, q2, gh) adds one
+// sample's run of len = (c1 - c0)·inner values into the ghost's element-wise accumulators q1,
+// q2 (accumulation type); these are folded into s1, s2 (double, indexed (ch - c0)·ghosts + gh)
+// every kChunk samples and at the end, so no value is summed with more than kChunk others in
+// the accumulation type (the precision rule of every other pass).
+template <typename A, typename F>
+static void tile_run_sums(const Geometry& g, int64_t c0, int64_t c1, std::vector<double>& s1,
+                          std::vector<double>& s2, F&& run) {
+  const int64_t k = c1 - c0, len = k * g.inner, gs = g.ghosts;
+  std::vector<A> q1(gs * len, A(0)), q2(gs * len, A(0));
+  auto fold = [&]() {
+    for (int64_t gh = 0; gh < gs; ++gh) {
+      for (int64_t ch = 0; ch < k; ++ch) {
+        const int64_t at = gh * len + ch * g.inner;
+        double a1 = 0, a2 = 0;
+        for (int64_t j = 0; j < g.inner; ++j) {
+          a1 += static_cast<double>(q1[at + j]);
+          a2 += static_cast<double>(q2[at + j]);
+        }
+        s1[ch * gs + gh] += a1;
+        s2[ch * gs + gh] += a2;
+      }
+    }
+    std::fill(q1.begin(), q1.end(), A(0));
+    std::fill(q2.begin(), q2.end(), A(0));
+  };
+  for (int64_t s = 0; s < g.n; ++s) {
+    const int64_t gh = g.ghost_of(s);
+    run((s * g.c + c0) * g.inner, q1.data() + gh * len, q2.data() + gh * len, gh);
+    if ((s + 1) % kChunk == 0) fold();
+  }
+  if (g.n % kChunk != 0) fold();
+}
+
+// f(offset, gh) for every sample of the tile [c0, c1) (its run of (c1 - c0)·inner values).
+template <typename F>
+static void for_each_sample_run(const Geometry& g, int64_t c0, F&& f) {
+  for (int64_t s = 0; s < g.n; ++s) f((s * g.c + c0) * g.inner, g.ghost_of(s));
+}
+
 // Rows layout: pieces of at most `run` rows that stay within one ghost.
 struct RowPiece {
   int64_t ghost, begin, end;
@@ -694,6 +758,52 @@ static inline void affine_row(const T* p, T* q, int64_t cc, const A* m, const A*
   }
 }
 
+// The same loops with a constant per element (spread over a tile's sample run), accumulating
+// element-wise into q1, q2.
+template <typename T, typename A>
+static inline void shifted_sums_spread(const T* p, int64_t len, const A* k, A* q1, A* q2) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const A d = static_cast<A>(p[i]) - k[i];
+    q1[i] += d;
+    q2[i] += d * d;
+  }
+}
+
+template <typename T, typename A, bool Relu>
+static inline void grad_sums_spread(const T* x, const T* dy, const T* y, int64_t len, const A* m,
+                                    A* q1, A* q2) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    A gi = static_cast<A>(dy[i]);
+    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
+    q1[i] += gi;
+    q2[i] += gi * (static_cast<A>(x[i]) - m[i]);
+  }
+}
+
+template <typename T, typename A, bool Relu>
+static inline void affine_spread(const T* p, T* q, int64_t len, const A* m, const A* a,
+                                 const A* b) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    A v = (static_cast<A>(p[i]) - m[i]) * a[i] + b[i];
+    if constexpr (Relu) v = v > A(0) ? v : A(0);
+    q[i] = static_cast<T>(v);
+  }
+}
+
+template <typename T, typename A, bool Relu>
+static inline void grad_spread(const T* x, const T* dy, const T* y, T* gx, int64_t len,
+                               const A* m, const A* a, const A* b, const A* d) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    A gi = static_cast<A>(dy[i]);
+    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
+    gx[i] = static_cast<T>(a[i] * gi + b[i] * (static_cast<A>(x[i]) - m[i]) + d[i]);
+  }
+}
+
 // gx = a·dy' + b·(x - m) + d
 template <typename T, typename A, bool Relu>
 static inline void grad_run(const T* x, const T* dy, const T* y, T* gx, int64_t len, A m, A a,
@@ -952,13 +1062,21 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
           shift[(ch - c0) * gs + gh] = static_cast<A>(x[g.first(gh, ch)]);
         }
       }
-      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
-        const int64_t i = (ch - c0) * gs + gh;
-        A a1 = 0, a2 = 0;
-        shifted_sums<T, A>(x + off, len, shift[i], a1, a2);
-        s1[i] += a1;
-        s2[i] += a2;
-      });
+      const int64_t len = (c1 - c0) * g.inner;
+      if (short_runs(g)) {
+        const std::vector<A> ks = spread(g, shift, c1 - c0);
+        tile_run_sums<A>(g, c0, c1, s1, s2, [&](int64_t off, A* q1, A* q2, int64_t gh) {
+          shifted_sums_spread<T, A>(x + off, len, ks.data() + gh * len, q1, q2);
+        });
+      } else {
+        for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
+          const int64_t i = (ch - c0) * gs + gh;
+          A a1 = 0, a2 = 0;
+          shifted_sums<T, A>(x + off, n, shift[i], a1, a2);
+          s1[i] += a1;
+          s2[i] += a2;
+        });
+      }
       for (int64_t ch = c0; ch < c1; ++ch) {
         for (int64_t gh = 0; gh < gs; ++gh) {
           const int64_t i = (ch - c0) * gs + gh;
@@ -969,9 +1087,19 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
         forward_coefficients<A>(f, gs, cc, ch, mean, var, m.data() + i0, a.data() + i0,
                                 b.data() + i0, r, d);
       }
-      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+      if (short_runs(g)) {
+        const std::vector<A> ms = spread(g, m, c1 - c0), as = spread(g, a, c1 - c0),
+                             bs = spread(g, b, c1 - c0);
+        for_each_sample_run(g, c0, [&](int64_t off, int64_t gh) {
+          const int64_t at = gh * len;
+          affine_spread<T, A, Relu>(x + off, y + off, len, ms.data() + at, as.data() + at,
+                                    bs.data() + at);
+        });
+        return;
+      }
+      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
         const int64_t i = (ch - c0) * gs + gh;
-        affine_run<T, A, Relu>(x + off, y + off, len, m[i], a[i], b[i]);
+        affine_run<T, A, Relu>(x + off, y + off, n, m[i], a[i], b[i]);
       });
     });
     return;
@@ -1287,13 +1415,22 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
           mu[(ch - c0) * gs + gh] = static_cast<A>(t.mean[gh * cc + ch]);
         }
       }
-      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
-        const int64_t i = (ch - c0) * gs + gh;
-        A a1 = 0, a2 = 0;
-        grad_sums<T, A, Relu>(x + off, dy + off, y + off, len, mu[i], a1, a2);
-        u1[i] += a1;
-        u2[i] += a2;
-      });
+      const int64_t len = (c1 - c0) * g.inner;
+      if (short_runs(g)) {
+        const std::vector<A> ms = spread(g, mu, c1 - c0);
+        tile_run_sums<A>(g, c0, c1, u1, u2, [&](int64_t off, A* q1, A* q2, int64_t gh) {
+          grad_sums_spread<T, A, Relu>(x + off, dy + off, y + off, len, ms.data() + gh * len, q1,
+                                       q2);
+        });
+      } else {
+        for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
+          const int64_t i = (ch - c0) * gs + gh;
+          A a1 = 0, a2 = 0;
+          grad_sums<T, A, Relu>(x + off, dy + off, y + off, n, mu[i], a1, a2);
+          u1[i] += a1;
+          u2[i] += a2;
+        });
+      }
       for (int64_t ch = c0; ch < c1; ++ch) {
         for (int64_t gh = 0; gh < gs; ++gh) {
           const int64_t i = (ch - c0) * gs + gh, j = gh * cc + ch;
@@ -1302,9 +1439,20 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
           grad_coefficients<A>(t, j, ch, count, u1[i], u2[i], m[i], a[i], b[i], e[i]);
         }
       }
-      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+      if (short_runs(g)) {
+        const int64_t kt = c1 - c0;
+        const std::vector<A> ms = spread(g, m, kt), as = spread(g, a, kt), bs = spread(g, b, kt),
+                             es = spread(g, e, kt);
+        for_each_sample_run(g, c0, [&](int64_t off, int64_t gh) {
+          const int64_t at = gh * len;
+          grad_spread<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, ms.data() + at,
+                                  as.data() + at, bs.data() + at, es.data() + at);
+        });
+        return;
+      }
+      for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
         const int64_t i = (ch - c0) * gs + gh;
-        grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m[i], a[i], b[i], e[i]);
+        grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, n, m[i], a[i], b[i], e[i]);
       });
     });
     return;

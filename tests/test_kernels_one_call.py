@@ -240,6 +240,8 @@ ONE_CALL_CONFIGS: list[dict[str, Any]] = [
     {"momentum": None},  # cumulative average: the momentum comes from the counter
     {"activation": "relu"},
     {"axis": -1},
+    {"virtual_batch_size": 2},
+    {"virtual_batch_size": 4, "ghost_layout": "strided", "activation": "relu"},
 ]
 
 
@@ -292,6 +294,38 @@ def test_one_call_equals_the_general_path_bit_for_bit(
     with torch.no_grad():
         assert torch.equal(one(x), general(x, training=False))
     assert general_calls["batch_norm"] == 4
+
+
+@pytest.mark.usefixtures("cpp_policy")
+@pytest.mark.parametrize(
+    ("axis", "shape", "weight_shape"),
+    [(1, (8, 4, 3, 5), (8,)), (1, (8, 4, 3, 5), (8, 1, 3, 5)), (-1, (8, 6, 4), (8, 6))],
+    ids=["per-sample", "per-position", "mask-channels-last"],
+)
+def test_weighted_one_call_equals_the_general_path(
+    axis: int, shape: tuple[int, ...], weight_shape: tuple[int, ...], general_calls: dict[str, int]
+) -> None:
+    one, general = _twins({"axis": axis}, torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(shape, generator=gen) * 3 + 1
+        w = (torch.rand(weight_shape, generator=gen) > 0.3).float() + 0.5
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = one(xa, weights=w)
+        yb = general(xb, weights=w, training=True)
+        assert torch.equal(ya, yb)
+        grad = torch.randn(shape, generator=gen)
+        ya.backward(grad)
+        yb.backward(grad)
+        assert torch.equal(xa.grad, xb.grad)  # type: ignore[arg-type]
+    assert general_calls["batch_norm"] == 2  # the twin's calls only
+    for (name, a), (_, b) in zip(
+        one.state_dict().items(), general.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="sum to zero"):
+        one(torch.randn(shape), weights=torch.zeros(weight_shape))
+    assert int(one.num_batches_tracked) == 2  # type: ignore[arg-type]
 
 
 @pytest.mark.usefixtures("cpp_policy")
@@ -387,23 +421,37 @@ def test_training_without_gradients_still_warns(general_calls: dict[str, int]) -
 @pytest.mark.parametrize(
     ("make_layer", "x", "call"),
     [
-        (lambda: bnkit.BatchNorm2d(3), torch.randn(4, 3, 2, 2), {"weights": torch.ones(4)}),
+        (
+            lambda: bnkit.BatchNorm2d(3),
+            torch.randn(4, 3, 2, 2),
+            {"weights": torch.ones(4, requires_grad=True)},
+        ),
+        (
+            lambda: bnkit.BatchNorm2d(3, virtual_batch_size=2),
+            torch.randn(4, 3, 2, 2),
+            {"weights": torch.ones(4)},
+        ),
         (lambda: bnkit.BatchNorm2d(3), torch.randn(4, 3, 2, 2), {"training": True}),
         (lambda: bnkit.BatchNorm2d(3), torch.randn(4, 3, 2, 2).half(), {}),
         (lambda: bnkit.BatchNorm2d(3, renorm=True), torch.randn(4, 3, 2, 2), {}),
         (lambda: bnkit.BatchNorm2d(3, zero_debias="mean"), torch.randn(4, 3, 2, 2), {}),
-        (lambda: bnkit.BatchNorm2d(3, virtual_batch_size=2), torch.randn(4, 3, 2, 2), {}),
+        (
+            lambda: bnkit.BatchNorm2d(3, virtual_batch_size=1, policy={"single_value": "running"}),
+            torch.randn(4, 3, 1, 1),
+            {},
+        ),
         (lambda: bnkit.BatchNorm2d(3, activation="silu"), torch.randn(4, 3, 2, 2), {}),
         (lambda: bnkit.BatchNorm2d(3, track_running_stats=False), torch.randn(4, 3, 2, 2), {}),
         (lambda: bnkit.BatchNorm1d(3, running_var="biased"), torch.randn(4, 3), {}),
     ],
     ids=[
-        "weights",
+        "weights-with-grad",
+        "weights-and-ghosts",
         "training",
         "half",
         "renorm",
         "zero_debias",
-        "ghosts",
+        "ghosts-of-one",
         "silu",
         "no-running",
         "biased",
@@ -445,6 +493,9 @@ def test_bad_input_gets_the_general_paths_messages() -> None:
         layer(torch.randn(4, 3, 2))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 3, 1, 1))
+    ghosts = bnkit.BatchNorm2d(3, virtual_batch_size=4)
+    with pytest.raises(ValueError, match="not divisible by virtual_batch_size=4"):
+        ghosts(torch.randn(6, 3, 2, 2))
     with pytest.raises(TypeError, match="float64 input"):
         layer(torch.randn(4, 3, 2, 2, dtype=F64))
     assert int(layer.num_batches_tracked) == 0  # type: ignore[arg-type]

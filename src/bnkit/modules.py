@@ -529,8 +529,8 @@ class BatchNorm(nn.Module):
         Returns:
             The normalized tensor, same shape and dtype as ``x``.
         """
-        if training is None and weights is None:
-            y = self._one_kernel_call(x)
+        if training is None:
+            y = self._one_kernel_call(x, weights)
             if y is not None:
                 return y
         a = self._check_input(x)
@@ -600,14 +600,14 @@ class BatchNorm(nn.Module):
             self._check_update(state, before, nonfinite)
         return y
 
-    def _one_kernel_call(self, x: Tensor) -> Tensor | None:
+    def _one_kernel_call(self, x: Tensor, weights: Tensor | None) -> Tensor | None:
         """The whole call as one C++ operator, or None where :meth:`forward`'s path must run.
 
         Under the policy ``kernels="cpp"``, in eager mode, a layer whose step is only what the
-        operators do -- statistics, PyTorch's running-statistics rule, the affine transform, a
-        fused ReLU; or the inference pass without gradients -- skips the general path's
-        dispatch: on mid-sized activations its checks, snapshots and small operations cost
-        about a third as much as the kernel itself (docs/benchmarks.md). The operator also
+        operators do -- statistics (per ghost batch, or weighted), PyTorch's running-statistics
+        rule, the affine transform, a fused ReLU; or the inference pass without gradients -- skips
+        the general path's dispatch: on mid-sized activations its checks, snapshots and small
+        operations cost about a third as much as the kernel itself. The operator also
         advances ``num_batches_tracked`` and makes the non-finite guard's decision (it skips
         an update that would store a NaN or an infinity), so the policies behave as on the
         general path.
@@ -636,26 +636,35 @@ class BatchNorm(nn.Module):
         if not self.training or b.get("frozen") is not None:
             if running_mean is None or running_var is None or bnf._needs_grad(x, weight, bias):
                 return None
+            # Sample weights weight batch statistics only: inference ignores them, as forward().
             y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, self.eps, relu=relu)
             return y.movedim(1, a) if a != 1 else y
+        ghosts = self._ghosts_in(x)
         if (
-            running_mean is None
+            ghosts is None
+            or running_mean is None
             or running_var is None
             or running_mean.dtype != x.dtype
             or self.renorm
             or self.sync
-            or self.virtual_batch_size is not None
             or self.adjustment is not None
-            or x.numel() == x.shape[a]  # one value per channel: the single_value policy
-            or not self._updates_running_stats(x, None)
+            or x.numel() <= ghosts * x.shape[a]  # one value per channel: single_value policy
+            or not self._updates_running_stats(x, weights)
         ):
             return None
+        sample_weight = None
+        if weights is not None:
+            # Same for every channel and without a gradient, else the general path; the
+            # kernels take no weights with ghost batches.
+            sample_weight = bnf._cpp_sample_weights(weights, x, a) if ghosts == 1 else None
+            if sample_weight is None:
+                return None
         if not torch.is_grad_enabled() and not (
             is_calibrating() or get_policy("no_grad_training", self.policy) == "ignore"
         ):
             return None  # forward() warns (or raises) about the forgotten model.eval()
         state = self._running_state()
-        momentum = running.kernel_momentum(state, self._rule, self._running_var_for(x, None))
+        momentum = running.kernel_momentum(state, self._rule, self._running_var_for(x, weights))
         if momentum is None:
             return None
         nonfinite = get_policy("nonfinite", self.policy)
@@ -665,16 +674,29 @@ class BatchNorm(nn.Module):
             weight,
             bias,
             self.eps,
+            ghosts=ghosts,
+            strided=self.ghost_layout == "strided",
             relu=relu,
             running_mean=running_mean,
             running_var=running_var,
             momentum=momentum,
+            sample_weight=sample_weight,
             num_batches_tracked=state.num_batches_tracked,
             guard=guard,
         )
         if guard and not out.updated.item():
             self._report_skipped_update(state, nonfinite)
         return out.y.movedim(1, a) if a != 1 else out.y
+
+    def _ghosts_in(self, x: Tensor) -> int | None:
+        """How many ghost batches a training call on ``x`` has (1 without ghost batches), or
+        None when ``virtual_batch_size`` does not divide the batch (the general path says so)."""
+        size = self.virtual_batch_size
+        if size is None:
+            return 1
+        if size < 1 or x.shape[0] % size != 0:
+            return None
+        return x.shape[0] // size
 
     def _train_and_update(
         self, x: Tensor, weights: Tensor | None, state: RunningState, options: dict[str, Any]

@@ -499,3 +499,37 @@ def test_bad_input_gets_the_general_paths_messages() -> None:
     with pytest.raises(TypeError, match="float64 input"):
         layer(torch.randn(4, 3, 2, 2, dtype=F64))
     assert int(layer.num_batches_tracked) == 0  # type: ignore[arg-type]
+
+
+# ----------------------------------------------- per-sample weights in the operator's tiles
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize(
+    "shape",
+    [(6, 4, 9, 9), (16, 6, 5, 5), (6, 1, 9, 9), (7, 3, 2, 2)],
+    ids=["tiles-long-channels", "tiles-short-channels", "two-pass", "tiles-tiny"],
+)
+def test_per_sample_weights_match_the_float64_reference(shape: tuple[int, ...], relu: bool) -> None:
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(shape, generator=gen, dtype=F64) * 2 + 3
+    w = torch.rand(shape[0], generator=gen, dtype=F64) + 0.2
+    gamma = torch.rand(shape[1], generator=gen, dtype=F64) + 0.5
+    beta = torch.rand(shape[1], generator=gen, dtype=F64) - 0.5
+    dy = torch.randn(shape, generator=gen, dtype=F64)
+    act = "relu" if relu else None
+    leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    want, stats = bnf.batch_norm(
+        leaves[0], weight=leaves[1], bias=leaves[2], training=True, weights=w, eps=1e-3,
+        activation=act, return_stats=True, impl="reference",
+    )  # fmt: skip
+    want_grads = torch.autograd.grad(want, leaves, dy)
+    for dtype, tol in ((F64, 1e-10), (torch.float32, 2e-5)):
+        got_leaves = [t.detach().to(dtype).requires_grad_() for t in (x, gamma, beta)]
+        out = cpp.train(*got_leaves, 1e-3, relu=relu, sample_weight=w.to(dtype))
+        torch.testing.assert_close(out.mean, stats.mean.to(dtype), rtol=tol, atol=tol)
+        torch.testing.assert_close(out.var, stats.var.to(dtype), rtol=tol, atol=tol)
+        torch.testing.assert_close(out.y, want.detach().to(dtype), rtol=tol, atol=tol)
+        got_grads = torch.autograd.grad(out.y, got_leaves, dy.to(dtype))
+        for got, ref in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(got, ref.to(dtype), rtol=tol * 10, atol=tol * 10)

@@ -1255,11 +1255,13 @@ def _cpp_sample_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor | None:
     """
     if torch.is_grad_enabled() and weights.requires_grad:
         return None
+    cdt = compute_dtype(x.dtype)
+    if weights.ndim == 1 and weights.shape[0] == x.shape[0] and weights.dtype == cdt:
+        return weights  # per sample, as the kernels take them: skip the small operations below
     aligned = align_weights(weights, x, axis).movedim(axis, 1)
     if aligned.shape[1] != 1:
         return None  # weights that differ between channels
     n = x.shape[0]
-    cdt = compute_dtype(x.dtype)
     if all(size == 1 for size in aligned.shape[1:]):
         return aligned.reshape(n).to(cdt)
     spatial = [x.shape[d] for d in range(x.ndim) if d not in (0, axis)]

@@ -388,7 +388,8 @@ static int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at:
 static int64_t tile_channels(const Geometry& g, int64_t tensors) {
   constexpr int64_t kTileBytes = int64_t(1) << 20;
   const int64_t t = num_threads();
-  if (g.rows || g.c < t || g.weighted()) return 0;
+  // Weights per position (masks) take the two-pass route; per-sample weights scale a run.
+  if (g.rows || g.c < t || (g.weighted() && !g.per_sample)) return 0;
   const int64_t per_channel = g.n * g.inner * g.x.element_size() * (tensors + 1);
   if (per_channel > kTileBytes) return 0;
   // Enough tiles for every thread (a multiple of the thread count), each within the budget.
@@ -770,6 +771,18 @@ static inline void shifted_sums_spread(const T* p, int64_t len, const A* k, A* q
   }
 }
 
+// shifted_sums_spread with every value of the run weighted by the sample's weight ws.
+template <typename T, typename A>
+static inline void weighted_sums_spread(const T* p, int64_t len, const A* k, A ws, A* q1,
+                                        A* q2) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const A d = static_cast<A>(p[i]) - k[i];
+    q1[i] += ws * d;
+    q2[i] += ws * d * d;
+  }
+}
+
 template <typename T, typename A, bool Relu>
 static inline void grad_sums_spread(const T* x, const T* dy, const T* y, int64_t len, const A* m,
                                     A* q1, A* q2) {
@@ -801,6 +814,19 @@ static inline void grad_spread(const T* x, const T* dy, const T* y, T* gx, int64
     A gi = static_cast<A>(dy[i]);
     if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
     gx[i] = static_cast<T>(a[i] * gi + b[i] * (static_cast<A>(x[i]) - m[i]) + d[i]);
+  }
+}
+
+// grad_spread with the correction terms scaled by the sample's weight ws (masked_grad_run's
+// formula with one weight for the run).
+template <typename T, typename A, bool Relu>
+static inline void weighted_grad_spread(const T* x, const T* dy, const T* y, T* gx, int64_t len,
+                                        const A* m, const A* a, const A* b, const A* d, A ws) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    A gi = static_cast<A>(dy[i]);
+    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
+    gx[i] = static_cast<T>(a[i] * gi + ws * (b[i] * (static_cast<A>(x[i]) - m[i]) + d[i]));
   }
 }
 
@@ -1051,7 +1077,7 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
   using A = typename Acc<T>::type;
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, gs = g.ghosts;
-  const double count = static_cast<double>(g.count());
+  const double count = g.denominator();  // values, or total weight, per (ghost, channel)
   if (const int64_t k = tile_channels(g, 1); k > 0) {
     for_each_tile(g, k, [&](int64_t c0, int64_t c1) {
       const int64_t w = (c1 - c0) * gs;  // (channel, ghost) pairs of the tile
@@ -1062,19 +1088,26 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
           shift[(ch - c0) * gs + gh] = static_cast<A>(x[g.first(gh, ch)]);
         }
       }
-      const int64_t len = (c1 - c0) * g.inner;
+      const int64_t len = (c1 - c0) * g.inner, plane = cc * g.inner;
       if (short_runs(g)) {
         const std::vector<A> ks = spread(g, shift, c1 - c0);
         tile_run_sums<A>(g, c0, c1, s1, s2, [&](int64_t off, A* q1, A* q2, int64_t gh) {
-          shifted_sums_spread<T, A>(x + off, len, ks.data() + gh * len, q1, q2);
+          const A* k = ks.data() + gh * len;
+          if (g.weighted()) {
+            weighted_sums_spread<T, A>(x + off, len, k, *g.weights_at<A>(off / plane, 0), q1, q2);
+          } else {
+            shifted_sums_spread<T, A>(x + off, len, k, q1, q2);
+          }
         });
       } else {
         for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
           const int64_t i = (ch - c0) * gs + gh;
           A a1 = 0, a2 = 0;
           shifted_sums<T, A>(x + off, n, shift[i], a1, a2);
-          s1[i] += a1;
-          s2[i] += a2;
+          // One weight for the whole run: it factors out of both sums.
+          const A ws = g.weighted() ? *g.weights_at<A>(off / plane, 0) : A(1);
+          s1[i] += ws * a1;
+          s2[i] += ws * a2;
         });
       }
       for (int64_t ch = c0; ch < c1; ++ch) {
@@ -1415,7 +1448,7 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
           mu[(ch - c0) * gs + gh] = static_cast<A>(t.mean[gh * cc + ch]);
         }
       }
-      const int64_t len = (c1 - c0) * g.inner;
+      const int64_t len = (c1 - c0) * g.inner, plane = cc * g.inner;
       if (short_runs(g)) {
         const std::vector<A> ms = spread(g, mu, c1 - c0);
         tile_run_sums<A>(g, c0, c1, u1, u2, [&](int64_t off, A* q1, A* q2, int64_t gh) {
@@ -1445,14 +1478,23 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
                              es = spread(g, e, kt);
         for_each_sample_run(g, c0, [&](int64_t off, int64_t gh) {
           const int64_t at = gh * len;
-          grad_spread<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, ms.data() + at,
-                                  as.data() + at, bs.data() + at, es.data() + at);
+          if (g.weighted()) {
+            weighted_grad_spread<T, A, Relu>(x + off, dy + off, y + off, gx + off, len,
+                                             ms.data() + at, as.data() + at, bs.data() + at,
+                                             es.data() + at, *g.weights_at<A>(off / plane, 0));
+          } else {
+            grad_spread<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, ms.data() + at,
+                                    as.data() + at, bs.data() + at, es.data() + at);
+          }
         });
         return;
       }
       for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
         const int64_t i = (ch - c0) * gs + gh;
-        grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, n, m[i], a[i], b[i], e[i]);
+        // Weighted: dx = γ·invstd·(dy' − w·(Σdy'/W + x̂·Σdy'·x̂/W)), the sums unweighted.
+        const A ws = g.weighted() ? *g.weights_at<A>(off / plane, 0) : A(1);
+        grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, n, m[i], a[i], ws * b[i],
+                             ws * e[i]);
       });
     });
     return;

@@ -1035,11 +1035,11 @@ struct Affine {
   double beta(int64_t ch) const { return bias.empty() ? 0.0 : bias[ch]; }
 };
 
-// For channel ch: r and d (renorm; 1 and 0 otherwise) and, per ghost gh, y = (x - m)·a + b.
-template <typename A>
-static void forward_coefficients(const Affine& f, int64_t ghosts, int64_t cc, int64_t ch,
-                                 const double* mean, const double* var, A* m, A* a, A* b,
-                                 double* r_out, double* d_out) {
+// Batch renormalization's r and d for channel ch, from the ghost-averaged statistics (1 and 0
+// without renorm).
+static std::pair<double, double> renorm_factors(const Affine& f, int64_t ghosts, int64_t cc,
+                                                int64_t ch, const double* mean,
+                                                const double* var) {
   double r = 1.0, d = 0.0;
   if (f.renorm()) {
     double mu = 0, v = 0;
@@ -1056,16 +1056,32 @@ static void forward_coefficients(const Affine& f, int64_t ghosts, int64_t cc, in
     if (f.rmax) r = std::min(r, *f.rmax);
     if (f.dmax) d = std::min(std::max(d, -*f.dmax), *f.dmax);
   }
+  return {r, d};
+}
+
+// y = (x - m)·a + b for channel ch of a ghost whose statistics are mean, var.
+template <typename A>
+static void coefficient(const Affine& f, int64_t ch, double r, double d, double mean, double var,
+                        A& m, A& a, A& b) {
+  const double gamma = f.gamma(ch);
+  m = static_cast<A>(mean);
+  a = static_cast<A>(gamma * r / std::sqrt(var + f.eps));
+  b = static_cast<A>(gamma * d + f.beta(ch));
+}
+
+// For channel ch: r and d (renorm; 1 and 0 otherwise) and, per ghost gh, y = (x - m)·a + b.
+template <typename A>
+static void forward_coefficients(const Affine& f, int64_t ghosts, int64_t cc, int64_t ch,
+                                 const double* mean, const double* var, A* m, A* a, A* b,
+                                 double* r_out, double* d_out) {
+  const auto [r, d] = renorm_factors(f, ghosts, cc, ch, mean, var);
   if (r_out != nullptr) {
     r_out[ch] = r;
     d_out[ch] = d;
   }
-  const double gamma = f.gamma(ch), beta = f.beta(ch);
   for (int64_t gh = 0; gh < ghosts; ++gh) {
     const int64_t i = gh * cc + ch;
-    m[gh] = static_cast<A>(mean[i]);
-    a[gh] = static_cast<A>(gamma * r / std::sqrt(var[i] + f.eps));
-    b[gh] = static_cast<A>(gamma * d + beta);
+    coefficient<A>(f, ch, r, d, mean[i], var[i], m[gh], a[gh], b[gh]);
   }
 }
 
@@ -1139,15 +1155,23 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
   }
   statistics<T>(g, x, mean, var);
   std::vector<A> m(gs * cc), a(gs * cc), b(gs * cc);
-  // (ghosts × C) coefficients, each with a square root: in parallel when there are many.
-  at::parallel_for(0, cc, std::max<int64_t>(1, 4096 / gs), [&](int64_t begin, int64_t end) {
-    std::vector<A> mc(gs), ac(gs), bc(gs);
-    for (int64_t ch = begin; ch < end; ++ch) {
-      forward_coefficients<A>(f, gs, cc, ch, mean, var, mc.data(), ac.data(), bc.data(), r, d);
-      for (int64_t gh = 0; gh < gs; ++gh) {
-        m[gh * cc + ch] = mc[gh];
-        a[gh * cc + ch] = ac[gh];
-        b[gh * cc + ch] = bc[gh];
+  // Renorm's r and d per channel first (they need every ghost), then the (ghosts × C)
+  // coefficients, each with a square root, in memory order: with many ghosts a loop per
+  // channel over the ghosts wrote a page apart at every step.
+  std::vector<double> rs(cc, 1.0), ds(cc, 0.0);
+  if (f.renorm()) {
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      std::tie(rs[ch], ds[ch]) = renorm_factors(f, gs, cc, ch, mean, var);
+    }
+    if (r != nullptr) {
+      std::copy(rs.begin(), rs.end(), r);
+      std::copy(ds.begin(), ds.end(), d);
+    }
+  }
+  at::parallel_for(0, gs, std::max<int64_t>(1, 4096 / cc), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * cc, gh = begin; gh < end; ++gh) {
+      for (int64_t ch = 0; ch < cc; ++ch, ++i) {
+        coefficient<A>(f, ch, rs[ch], ds[ch], mean[i], var[i], m[i], a[i], b[i]);
       }
     }
   });
@@ -1292,9 +1316,13 @@ static bool update_running(const Geometry& g, const std::vector<double>& mean,
   std::vector<double> mu(g.c, 0.0), vu(g.c, 0.0);
   for (int64_t gh = 0; gh < g.ghosts; ++gh) {
     for (int64_t ch = 0; ch < g.c; ++ch) {
-      mu[ch] += mean[gh * g.c + ch] / gs;
-      vu[ch] += var[gh * g.c + ch] * bessel / gs;
+      mu[ch] += mean[gh * g.c + ch];
+      vu[ch] += var[gh * g.c + ch];
     }
+  }
+  for (int64_t ch = 0; ch < g.c; ++ch) {
+    mu[ch] /= gs;
+    vu[ch] *= bessel / gs;
   }
   // The new values in the buffer's dtype first (a float32 buffer can overflow where the
   // double value did not), written only once both buffers are known to stay finite.
@@ -1514,9 +1542,11 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
                          });
   }
   std::vector<A> m(width), a(width), b(width), e(width);
-  at::parallel_for(0, width, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      grad_coefficients<A>(t, i, i % cc, count, s1[i], s2[i], m[i], a[i], b[i], e[i]);
+  at::parallel_for(0, gs, std::max<int64_t>(1, 4096 / cc), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * cc, gh = begin; gh < end; ++gh) {
+      for (int64_t ch = 0; ch < cc; ++ch, ++i) {
+        grad_coefficients<A>(t, i, ch, count, s1[i], s2[i], m[i], a[i], b[i], e[i]);
+      }
     }
   });
   if (g.weighted()) {

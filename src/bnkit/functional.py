@@ -1229,7 +1229,7 @@ def _cpp_training_step(
         return y, None
     # n values per channel per ghost; Bessel's n/(n-1) is a Python number (n is the same for
     # every ghost and channel), which keeps the per-call work on small inputs down.
-    n = float((xt.shape[0] // ghosts) * (xt[0].numel() // max(xt.shape[1], 1)))
+    n = float((xt.shape[0] // ghosts) * math.prod(xt.shape[2:]))
     if sample_weights is not None:  # W, the total weight per channel
         per_sample = sample_weights.numel() == xt.shape[0]
         n = float(sample_weights.sum(dtype=torch.float64)) * (n / xt.shape[0] if per_sample else 1)

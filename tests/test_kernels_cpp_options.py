@@ -36,8 +36,10 @@ CASES = [
     # blocks, C >= threads: tiles of channels; inner >= 64: one loop per (sample, channel)
     ((8, 4, 16, 16), "contiguous"),
     ((8, 4, 16, 16), "channels_last"),  # rows layout
-    # tiles with inner < 64: one loop per sample over the tile, per-channel constants spread
-    ((16, 6, 3, 5), "contiguous"),
+    # tiles with inner < 64 and at least 32 samples per ghost: one loop per sample over the
+    # tile, per-channel constants spread
+    ((32, 6, 3, 5), "contiguous"),
+    ((16, 6, 3, 5), "contiguous"),  # ... fewer samples: one loop per (sample, channel)
     ((16, 6, 3, 5), "channels_last"),
     # ... and N > 2048: the element-wise sums are folded into float64 every 2048 samples
     ((2052, 2, 3), "contiguous"),

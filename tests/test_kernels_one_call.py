@@ -282,6 +282,8 @@ def test_one_call_equals_the_general_path_bit_for_bit(
         ya.backward(grad)
         yb.backward(grad)
         assert torch.equal(xa.grad, xb.grad)  # type: ignore[arg-type]
+    for pa, pb in zip(one.parameters(), general.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)  # type: ignore[arg-type]  # summed over 3 steps
     assert general_calls["batch_norm"] == 3  # the twin's three calls only
     for (name, a), (_, b) in zip(
         one.state_dict().items(), general.state_dict().items(), strict=True
@@ -318,6 +320,8 @@ def test_weighted_one_call_equals_the_general_path(
         ya.backward(grad)
         yb.backward(grad)
         assert torch.equal(xa.grad, xb.grad)  # type: ignore[arg-type]
+    for pa, pb in zip(one.parameters(), general.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)  # type: ignore[arg-type]
     assert general_calls["batch_norm"] == 2  # the twin's calls only
     for (name, a), (_, b) in zip(
         one.state_dict().items(), general.state_dict().items(), strict=True
@@ -504,11 +508,23 @@ def test_bad_input_gets_the_general_paths_messages() -> None:
 # ----------------------------------------------- per-sample weights in the operator's tiles
 
 
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    # The kernels' choice of path depends on the thread count (tiles need C >= threads).
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("threads")
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize(
     "shape",
-    [(6, 4, 9, 9), (16, 6, 5, 5), (6, 1, 9, 9), (7, 3, 2, 2)],
-    ids=["tiles-long-channels", "tiles-short-channels", "two-pass", "tiles-tiny"],
+    [(6, 4, 9, 9), (40, 6, 5, 5), (2052, 3, 2, 2), (6, 1, 9, 9), (7, 3, 2, 2)],
+    ids=["tiles-long", "tiles-short-spread", "tiles-spread-folded", "two-pass", "tiles-tiny"],
 )
 def test_per_sample_weights_match_the_float64_reference(shape: tuple[int, ...], relu: bool) -> None:
     gen = torch.Generator().manual_seed(12)
@@ -533,3 +549,75 @@ def test_per_sample_weights_match_the_float64_reference(shape: tuple[int, ...], 
         got_grads = torch.autograd.grad(out.y, got_leaves, dy.to(dtype))
         for got, ref in zip(got_grads, want_grads, strict=True):
             torch.testing.assert_close(got, ref.to(dtype), rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.usefixtures("threads")
+@pytest.mark.parametrize(("n", "ghosts"), [(128, 16), (128, 2), (64, 2)], ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_ghosts_on_short_channels_match_the_float64_reference(
+    n: int, ghosts: int, strided: bool
+) -> None:
+    # 16 ghosts of 8: the per-run walk; 2 ghosts of 64 or 32: the spread walk.
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(n, 4, 3, 3, generator=gen, dtype=F64) * 2 + 1
+    gamma = torch.rand(4, generator=gen, dtype=F64) + 0.5
+    dy = torch.randn(x.shape, generator=gen, dtype=F64)
+    leaves = [t.clone().requires_grad_() for t in (x, gamma)]
+    want = bnf.batch_norm(
+        leaves[0],
+        weight=leaves[1],
+        training=True,
+        virtual_batch_size=n // ghosts,
+        ghost_layout="strided" if strided else "contiguous",
+        impl="reference",
+    )
+    want_grads = torch.autograd.grad(want, leaves, dy)
+    got_leaves = [t.detach().float().requires_grad_() for t in (x, gamma)]
+    out = cpp.train(got_leaves[0], got_leaves[1], None, 1e-5, ghosts=ghosts, strided=strided)
+    torch.testing.assert_close(out.y, want.detach().float(), rtol=2e-5, atol=2e-5)
+    got_grads = torch.autograd.grad(out.y, got_leaves, dy.float())
+    for got, ref in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref.float(), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.usefixtures("cpp_policy")
+def test_track_running_stats_switched_off_later_is_respected(
+    general_calls: dict[str, int],
+) -> None:
+    # A common adaptation idiom: keep the buffers, stop using and updating them.
+    layer = bnkit.BatchNorm2d(3)
+    layer.track_running_stats = False
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(8, 3, 4, 4) * 3 + 2
+    y = layer(x)
+    for name, value in saved.items():
+        assert torch.equal(layer.state_dict()[name], value), name
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(x)  # batch statistics, as in training
+    torch.testing.assert_close(y_eval, y.detach())
+    assert general_calls["batch_norm"] == 2
+
+
+@pytest.mark.usefixtures("cpp_policy")
+def test_buffers_the_kernel_cannot_take_fall_back(general_calls: dict[str, int]) -> None:
+    reference = bnkit.BatchNorm2d(3)
+    strided = bnkit.BatchNorm2d(3)
+    wide = torch.zeros(3, 2)
+    wide[:, 0] = 0.5
+    state = strided.state_dict()
+    state["running_mean"] = wide[:, 0]  # a non-contiguous view
+    strided.load_state_dict(state, assign=True)
+    assert not strided.running_mean.is_contiguous()  # type: ignore[union-attr]
+    with torch.no_grad():
+        reference.running_mean.fill_(0.5)  # type: ignore[union-attr]
+    counter32 = bnkit.BatchNorm2d(3)
+    counter32.num_batches_tracked = torch.tensor(0, dtype=torch.int32)
+    x = torch.randn(8, 3, 4, 4)
+    want = reference(x)
+    assert general_calls["batch_norm"] == 0
+    torch.testing.assert_close(strided(x), want)
+    torch.testing.assert_close(strided.running_mean, reference.running_mean)
+    counter32(x)
+    assert general_calls["batch_norm"] == 2
+    assert int(counter32.num_batches_tracked) == 1  # type: ignore[arg-type]

@@ -627,10 +627,15 @@ class BatchNorm(nn.Module):
         weight, bias = p["weight"], p["bias"]
         running_mean, running_var = b["running_mean"], b["running_var"]
         own = weight if weight is not None else running_mean
-        a = bnf.canonical_axis(self.axis, x.dim())
-        if x.shape[a] != self.num_features or (own is not None and own.dtype != x.dtype):
-            return None
+        # In forward()'s order, so a bad input gets the same message: rank, dtype, then axis.
         self._check_input_dim(x)  # a subclass's rank check (BatchNorm2d wants 4-D input)
+        if own is not None and own.dtype != x.dtype:
+            return None
+        a = bnf.canonical_axis(self.axis, x.dim())
+        if x.shape[a] != self.num_features:
+            return None
+        if not self.track_running_stats:
+            return None  # the flag, not the buffers: it may be switched off with them kept
         xt = x.movedim(a, 1) if a != 1 else x
         relu = self.activation == "relu"
         if not self.training or b.get("frozen") is not None:
@@ -640,10 +645,13 @@ class BatchNorm(nn.Module):
             y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, self.eps, relu=relu)
             return y.movedim(1, a) if a != 1 else y
         ghosts = self._ghosts_in(x)
+        counter = b["num_batches_tracked"]
         if (
             ghosts is None
             or running_mean is None
             or running_var is None
+            or not (running_mean.is_contiguous() and running_var.is_contiguous())
+            or (counter is not None and (counter.dtype != torch.long or counter.numel() != 1))
             or running_mean.dtype != x.dtype
             or self.renorm
             or self.sync
@@ -681,7 +689,7 @@ class BatchNorm(nn.Module):
             running_var=running_var,
             momentum=momentum,
             sample_weight=sample_weight,
-            num_batches_tracked=state.num_batches_tracked,
+            num_batches_tracked=counter,
             guard=guard,
         )
         if guard and not out.updated.item():

@@ -427,10 +427,16 @@ static void for_each_tile_run(const Geometry& g, int64_t c0, int64_t c1, F&& f) 
 // spread over that run: one vector loop per sample instead of one short loop per (sample,
 // channel), whose set-up and horizontal sums cost as much as its values. Measured on
 // 128x512x7x7: training forward 1.7x -> 1.5x the time of a copy; on 14x14 maps the spread
-// constants' extra loads cost more than they save (1.35x -> 1.5x), hence the bound.
+// constants' extra loads cost more than they save (1.35x -> 1.5x), hence the bound. The spread
+// arrays hold one run per ghost batch, so with small ghosts they grow towards the size of the
+// input (128x512x7x7 in 16 ghosts of 8: forward 0.86 -> 0.99 ms): at least kSpreadSamples
+// samples per ghost (the arrays then stay within an eighth of the values).
 constexpr int64_t kShortInner = 64;
+constexpr int64_t kSpreadSamples = 32;
 
-static bool short_runs(const Geometry& g) { return g.inner < kShortInner; }
+static bool short_runs(const Geometry& g) {
+  return g.inner < kShortInner && g.per_ghost() >= kSpreadSamples;
+}
 
 // Per-(channel, ghost) values of a tile, indexed (ch - c0)·ghosts + gh, spread over the
 // tile's sample run: element gh·len + (ch - c0)·inner + j holds the (ch, gh) value.
@@ -1168,11 +1174,9 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
       std::copy(ds.begin(), ds.end(), d);
     }
   }
-  at::parallel_for(0, gs, std::max<int64_t>(1, 4096 / cc), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * cc, gh = begin; gh < end; ++gh) {
-      for (int64_t ch = 0; ch < cc; ++ch, ++i) {
-        coefficient<A>(f, ch, rs[ch], ds[ch], mean[i], var[i], m[i], a[i], b[i]);
-      }
+  at::parallel_for(0, gs * cc, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin, ch = begin % cc; i < end; ++i, ch = ch + 1 == cc ? 0 : ch + 1) {
+      coefficient<A>(f, ch, rs[ch], ds[ch], mean[i], var[i], m[i], a[i], b[i]);
     }
   });
   for_all(
@@ -1542,11 +1546,9 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
                          });
   }
   std::vector<A> m(width), a(width), b(width), e(width);
-  at::parallel_for(0, gs, std::max<int64_t>(1, 4096 / cc), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * cc, gh = begin; gh < end; ++gh) {
-      for (int64_t ch = 0; ch < cc; ++ch, ++i) {
-        grad_coefficients<A>(t, i, ch, count, s1[i], s2[i], m[i], a[i], b[i], e[i]);
-      }
+  at::parallel_for(0, width, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin, ch = begin % cc; i < end; ++i, ch = ch + 1 == cc ? 0 : ch + 1) {
+      grad_coefficients<A>(t, i, ch, count, s1[i], s2[i], m[i], a[i], b[i], e[i]);
     }
   });
   if (g.weighted()) {

@@ -470,11 +470,10 @@ def test_other_steps_take_the_general_path(
 
 
 @pytest.mark.usefixtures("cpp_policy")
-def test_eval_with_gradients_takes_the_general_path(general_calls: dict[str, int]) -> None:
+def test_eval_with_or_without_gradients_is_one_call(general_calls: dict[str, int]) -> None:
     layer = bnkit.BatchNorm2d(3).eval()
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
     layer(x).sum().backward()
-    assert general_calls["batch_norm"] == 1
     assert x.grad is not None
     assert layer.weight.grad is not None  # type: ignore[union-attr]
     with torch.no_grad():
@@ -483,7 +482,7 @@ def test_eval_with_gradients_takes_the_general_path(general_calls: dict[str, int
     frozen.frozen = True
     with torch.no_grad():
         y = frozen(torch.randn(4, 3, 2, 2))  # a frozen layer in training mode: inference
-    assert general_calls["batch_norm"] == 1
+    assert general_calls["batch_norm"] == 0
     assert int(frozen.num_batches_tracked) == 0  # type: ignore[arg-type]
     assert y.shape == (4, 3, 2, 2)
 

@@ -1054,7 +1054,7 @@ def batch_norm(
                 "running_mean/running_var were not given. Fix: pass them, or pass "
                 "training=True to normalize with the batch's own statistics."
             )
-        if impl == "cpp" and not _needs_grad(x, weight, bias):
+        if impl == "cpp" and not _needs_grad(running_mean, running_var):
             y = _cpp_inference_step(x, a, running_mean, running_var, weight, bias, eps, activation)
             return (y, stats) if return_stats else y
         y = _inference_step(x, a, running_mean, running_var, weight, bias, eps)
@@ -1278,7 +1278,8 @@ def _cpp_inference_step(
     eps: float,
     activation: Activation,
 ) -> Tensor:
-    """Inference on the C++ kernel: one scale-and-shift pass (ReLU fused), no gradient."""
+    """Inference on the C++ kernel: one scale-and-shift pass (ReLU fused), differentiable in
+    x, γ and β (the running statistics are constants)."""
     xt = x.movedim(axis, 1) if axis != 1 else x
     relu = activation == "relu"
     y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, eps, relu=relu)

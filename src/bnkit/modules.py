@@ -639,7 +639,7 @@ class BatchNorm(nn.Module):
         xt = x.movedim(a, 1) if a != 1 else x
         relu = self.activation == "relu"
         if not self.training or b.get("frozen") is not None:
-            if running_mean is None or running_var is None or bnf._needs_grad(x, weight, bias):
+            if running_mean is None or running_var is None:
                 return None
             # Sample weights weight batch statistics only: inference ignores them, as forward().
             y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, self.eps, relu=relu)

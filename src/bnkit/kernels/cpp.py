@@ -32,7 +32,10 @@ other strides are made contiguous first):
   (dy' = dy masked by ``output > 0`` for the fused ReLU), then
   ``dx = γ·r·invstd·(dy' − Σdy'/n − x̂·Σdy'·x̂/n)`` plus the statistics outputs' gradients.
 * ``bnkit::bn_eval(x, mean, var, weight?, bias?, eps, relu=False) -> y``: the inference pass
-  (fold in float64), no gradient.
+  (fold in float64). Its autograd formula (C++) uses
+  ``bnkit::bn_eval_backward(dy, x, mean, var, weight?, eps, output?, param_grads=True) -> (dx,
+  dweight, dbias)``: ``dx = γ·invstd·dy'`` in one pass, the sums for dγ, dβ in another only when
+  ``param_grads``; the statistics get no gradient.
 * ``bnkit::bn_stats(x) -> (mean, var)`` and ``bnkit::bn_normalize(x, mean, scale, shift)``:
   the two halves of a training forward, for tests and ``bnkit bench --kernels ops``.
 
@@ -222,8 +225,23 @@ def _register_fakes() -> None:
             x.new_empty((), dtype=torch.bool),
         )
 
+    def eval_backward_fake(
+        grad_out: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        eps: float,
+        output: Tensor | None = None,
+        param_grads: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        c = x.shape[1]
+        dt = stats_dtype(x)
+        return output_like(x), x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
+
     for name, fn in (
         ("bnkit::bn_stats", stats_fake),
+        ("bnkit::bn_eval_backward", eval_backward_fake),
         ("bnkit::bn_normalize", normalize_fake),
         ("bnkit::bn_eval", eval_fake),
         ("bnkit::bn_backward", backward_fake),
@@ -356,7 +374,9 @@ def bn_eval(
 
     With ``relu`` the ReLU is applied in the same pass.
 
-    The per-channel fold ``γ/sqrt(σ² + eps)`` is computed in float64; no gradient.
+    The per-channel fold ``γ/sqrt(σ² + eps)`` is computed in float64. Differentiable in x, γ and
+    β (``dx = γ/sqrt(σ² + eps)·dy``, masked by the ReLU; ``bnkit::bn_eval_backward``); the
+    statistics are constants, as running statistics are.
     """
     if not _state["loaded"]:
         load()

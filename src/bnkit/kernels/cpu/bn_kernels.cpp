@@ -5,6 +5,10 @@
 //   bn_normalize(x, mean, scale, shift)   y = (x - mean_c) * scale_c + shift_c, one pass
 //   bn_eval(x, mean, var, weight?, bias?, eps, relu)
 //                                         y = act((x - mean_c) * gamma_c / sqrt(var_c + eps) + beta_c)
+//                                         (autograd in C++: EvalFunction, via bn_eval_backward)
+//   bn_eval_backward(dy, x, mean, var, weight?, eps, output?, param_grads)
+//                                         -> (dx, dweight, dbias): dx = gamma invstd dy', and
+//                                         the sums for dweight, dbias when param_grads
 //   bn_train(x, weight?, bias?, eps, ghosts, strided, renorm_mean?, renorm_std?, rmin?, rmax?,
 //            dmax?, relu, running_mean?, running_var?, momentum, sample_weight?,
 //            num_batches_tracked?, guard) -> (y, mean, var, r, d, updated)
@@ -1669,6 +1673,115 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
   return {gx, tensor_of(gw, {g.c}, out), tensor_of(gb, {g.c}, out)};
 }
 
+// ------------------------------------------------------------------------------ eval backward
+
+// dx = k·dy' with k = γ/sqrt(var + eps) per channel (dy' = dy masked by y > 0 with the ReLU).
+template <typename T, typename A, bool Relu>
+static inline void scale_run(const T* dy, const T* y, T* gx, int64_t len, A k) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    A gi = static_cast<A>(dy[i]);
+    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
+    gx[i] = static_cast<T>(k * gi);
+  }
+}
+
+template <typename T, typename A, bool Relu>
+static inline void scale_row(const T* dy, const T* y, T* gx, int64_t cc, const A* k) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    A gi = static_cast<A>(dy[ch]);
+    if constexpr (Relu) gi = static_cast<A>(y[ch]) > A(0) ? gi : A(0);
+    gx[ch] = static_cast<T>(k[ch] * gi);
+  }
+}
+
+// The inference pass's gradient: dx in one pass (dy in, dx out, as a copy), and, when s1 is
+// given, Σdy' and Σdy'·(x − μ) per channel in a pass before it (for dβ and dγ).
+template <typename T, bool Relu>
+static void eval_backward(const Geometry& g, const std::vector<double>& mean,
+                          const std::vector<double>& k, const T* dy, const T* y, T* gx, double* s1,
+                          double* s2) {
+  using A = typename Acc<T>::type;
+  const T* x = g.x.const_data_ptr<T>();
+  const int64_t cc = g.c;
+  const std::vector<A> mu(mean.begin(), mean.end()), ka(k.begin(), k.end());
+  if (s1 != nullptr) {
+    if (g.rows) {
+      row_sums<A>(g, s1, s2, [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t) {
+        grad_row_sums<T, A, Relu>(x, dy, y, cc, begin, end, mu.data(), q1, q2);
+      });
+    } else {
+      block_sums<A>(g, s1, s2, [&](A& a1, A& a2, int64_t off, int64_t len, int64_t, int64_t ch) {
+        grad_sums<T, A, Relu>(x + off, dy + off, y + off, len, mu[ch], a1, a2);
+      });
+    }
+  }
+  for_all(
+      g,
+      [&](int64_t off, int64_t len, int64_t, int64_t ch) {
+        scale_run<T, A, Relu>(dy + off, y + off, gx + off, len, ka[ch]);
+      },
+      [&](int64_t row, int64_t) {
+        const int64_t o = row * cc;
+        scale_row<T, A, Relu>(dy + o, y + o, gx + o, cc, ka.data());
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_eval_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& var, const std::optional<at::Tensor>& weight, double eps,
+    const std::optional<at::Tensor>& output, bool param_grads) {
+  check_input(input);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnkit::bn_eval_backward: grad_out shape ",
+              grad_out.sizes(), " differs from x shape ", input.sizes());
+  TORCH_CHECK(grad_out.device().is_cpu(), "bnkit: CPU tensors only");
+  const Geometry g = geometry_of(input);
+  check_vector(mean, g.c, "mean");
+  check_vector(var, g.c, "var");
+  if (has(weight)) check_vector(*weight, g.c, "weight");
+  if (has(output)) {
+    TORCH_CHECK(output->sizes() == input.sizes(), "bnkit::bn_eval_backward: output shape ",
+                output->sizes(), " differs from x shape ", input.sizes());
+  }
+  const std::vector<double> mv = values_of<double>(mean), vv = values_of<double>(var),
+                            w = values_of<double>(weight);
+  std::vector<double> invstd(g.c), k(g.c);
+  for (int64_t ch = 0; ch < g.c; ++ch) {
+    invstd[ch] = 1.0 / std::sqrt(vv[ch] + eps);
+    k[ch] = (w.empty() ? 1.0 : w[ch]) * invstd[ch];
+  }
+  const auto dtype = input.scalar_type();
+  const at::Tensor dy = like_geometry(grad_out.to(dtype), g);
+  const at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  std::vector<double> s1(param_grads ? g.c : 0, 0.0), s2(param_grads ? g.c : 0, 0.0);
+  at::Tensor gx = new_like(g.x);
+  if (g.x.numel() > 0) {
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      double* p1 = param_grads ? s1.data() : nullptr;
+      double* p2 = param_grads ? s2.data() : nullptr;
+      if (has(output)) {
+        eval_backward<T, true>(g, mv, k, dy.const_data_ptr<T>(), y.const_data_ptr<T>(),
+                               gx.data_ptr<T>(), p1, p2);
+      } else {
+        eval_backward<T, false>(g, mv, k, dy.const_data_ptr<T>(), y.const_data_ptr<T>(),
+                                gx.data_ptr<T>(), p1, p2);
+      }
+    });
+  }
+  // dβ = Σdy', dγ = Σdy'·(x − μ)·invstd (zeros when not asked for).
+  std::vector<double> gw(g.c, 0.0), gb(g.c, 0.0);
+  if (param_grads && g.x.numel() > 0) {
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      gb[ch] = s1[ch];
+      gw[ch] = s2[ch] * invstd[ch];
+    }
+  }
+  const auto out = stats_dtype(dtype);
+  return {gx, tensor_of(gw, {g.c}, out), tensor_of(gb, {g.c}, out)};
+}
+
 // ------------------------------------------------------------------------------ autograd
 
 static torch::autograd::variable_list differentiable_backward(
@@ -1842,6 +1955,79 @@ bn_train_autograd(
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
+// The autograd formula of bn_eval: y = act((x − μ)·k + β), k = γ/sqrt(σ² + eps) with the
+// running statistics μ, σ² constant (buffers). dx = k·dy' in one pass (bn_eval_backward), dγ and
+// dβ from its sums when asked for. A model in eval mode that needs gradients (input gradients,
+// saliency, adversarial examples, fine-tuning with frozen batch norm) runs on the kernels too.
+class EvalFunction : public torch::autograd::Function<EvalFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
+      const at::Tensor& var, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, double eps, bool relu) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnkit::bn_eval", "")
+                         .typed<decltype(bn_eval)>();
+    at::Tensor y = op.call(x, mean, var, weight, bias, eps, relu);
+    ctx->save_for_backward(
+        {x, mean, var, has(weight) ? *weight : at::Tensor(), relu ? y : at::Tensor()});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["bias"] = has(bias);
+    ctx->set_materialize_grads(false);
+    return {y};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(7);  // x, mean, var, weight, bias, eps, relu
+    if (!grads[0].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &var = saved[2], &weight = saved[3];
+    const at::Tensor& y = saved[4];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool want_w = weight.defined() && ctx->needs_input_grad(3);
+    const bool want_b = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(4);
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the same formula with differentiable ATen operations.
+      const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      std::vector<int64_t> shape(x.dim(), 1), dims;
+      shape[1] = x.size(1);
+      for (int64_t d = 0; d < x.dim(); ++d) {
+        if (d != 1) dims.push_back(d);
+      }
+      const at::Tensor invstd = at::rsqrt(var.to(acc) + eps).reshape(shape);
+      at::Tensor dy = grads[0].to(acc);
+      if (y.defined()) dy = dy * y.gt(0).to(acc);  // the ReLU's mask: a constant
+      const at::Tensor k = weight.defined() ? weight.to(acc).reshape(shape) * invstd : invstd;
+      out[0] = (dy * k).to(x.scalar_type());
+      if (want_w) {
+        const at::Tensor xhat = (x.to(acc) - mean.to(acc).reshape(shape)) * invstd;
+        out[3] = (dy * xhat).sum(dims).to(weight.scalar_type());
+      }
+      if (want_b) out[4] = dy.sum(dims);
+      return out;
+    }
+    auto opt = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnkit::bn_eval_backward", "")
+                         .typed<decltype(bn_eval_backward)>();
+    auto [gx, gw, gb] = op.call(grads[0], x, mean, var, opt(weight), eps, opt(y), want_w || want_b);
+    out[0] = gx;
+    if (want_w) out[3] = gw.to(weight.scalar_type());
+    if (want_b) out[4] = gb;
+    return out;
+  }
+};
+
+at::Tensor bn_eval_autograd(const at::Tensor& input, const at::Tensor& mean,
+                            const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, double eps, bool relu) {
+  return EvalFunction::apply(input, mean, var, weight, bias, eps, relu)[0];
+}
+
 // ------------------------------------------------------------------------------ pool control
 
 int64_t pool_cached_bytes() { return OutputPool::instance().cached_bytes(); }
@@ -1874,6 +2060,9 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
       "Tensor? grad_mean=None, Tensor? grad_var=None, int ghosts=1, bool strided=False, "
       "Tensor? r=None, Tensor? d=None, Tensor? output=None, Tensor? sample_weight=None) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_eval_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var, Tensor? weight, "
+      "float eps, Tensor? output=None, bool param_grads=True) -> (Tensor, Tensor, Tensor)");
   m.def("pool_cached_bytes() -> int", &bnkit_cpu::pool_cached_bytes);
   m.def("pool_set_limit(int bytes) -> int", &bnkit_cpu::pool_set_limit);
 }
@@ -1884,8 +2073,10 @@ TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
   m.impl("bn_eval", &bnkit_cpu::bn_eval);
   m.impl("bn_train", &bnkit_cpu::bn_train);
   m.impl("bn_backward", &bnkit_cpu::bn_backward);
+  m.impl("bn_eval_backward", &bnkit_cpu::bn_eval_backward);
 }
 
 TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {
   m.impl("bn_train", &bnkit_cpu::bn_train_autograd);
+  m.impl("bn_eval", &bnkit_cpu::bn_eval_autograd);
 }

@@ -381,3 +381,52 @@ def test_default_rows_also_time_torch_module(quick_report: bench.BenchReport) ->
             assert r.torch_module_vs_torch > 0
         else:
             assert r.torch_module_vs_torch is None
+
+
+def test_eval_grad_benchmark_script_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import pathlib
+
+    from bnkit.kernels import cpp
+
+    if not cpp.available():
+        pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "eval_grad.py"
+    spec = importlib.util.spec_from_file_location("eval_grad", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--shapes", "4x3x2x2,6x5", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| 4x3x2x2") or line.startswith("| 6x5")
+    ]
+    # NCHW and NHWC for the 4-D shape, NC for the 2-D one; each with both gradient sets.
+    assert [row.split("|")[2].strip() for row in rows] == [
+        "NCHW",
+        "NCHW",
+        "NHWC",
+        "NHWC",
+        "NC",
+        "NC",
+    ]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert all(float(v) >= 0 for v in cells[3:])  # milliseconds may round to 0.000
+    # The ratio columns, on numbers chosen here.
+    line = module.format_table(
+        [
+            {
+                "shape": "8x4",
+                "layout": "NC",
+                "grads": "x",
+                "kernel_ms": 3.0,
+                "torch_ms": 4.0,
+                "copy_ms": 0.5,
+            }
+        ]
+    ).splitlines()[-1]
+    assert line == "| 8x4 | NC | x | 3.000 | 4.000 | 0.500 | 0.75 | 6.0 |"

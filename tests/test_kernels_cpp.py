@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,20 +36,11 @@ GRID = [
     ((4, 6, 5, 7), "strided"),
 ]
 DTYPES = [torch.float32, torch.float64]
-THREADS = [1, 2]
 
 
 @pytest.fixture(scope="module")
 def built() -> None:
     cpp.load()  # raises (test error) if the extension cannot be built here
-
-
-@pytest.fixture(params=THREADS, ids=lambda n: f"threads{n}")
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def make(

@@ -89,16 +89,6 @@ def built() -> None:
     cpp.load()  # raises (test error) if the extension cannot be built here
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------ helpers
 
 

@@ -10,7 +10,6 @@ and torch.compile.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,16 +25,6 @@ F64 = torch.float64
 def built() -> None:
     if not cpp.available():
         pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(before)
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -59,6 +59,21 @@ def _buffers(n: int = 3, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
     return mean, var, torch.tensor(7)
 
 
+def _step(
+    x: torch.Tensor, buffers: tuple[torch.Tensor, ...], *, momentum: float = 0.1, guard: bool
+) -> cpp.TrainOutput:
+    """One training call that updates (running_mean, running_var, counter) in place."""
+    running_mean, running_var, counter = buffers
+    return cpp.train(
+        x,
+        running_mean=running_mean,
+        running_var=running_var,
+        momentum=momentum,
+        num_batches_tracked=counter,
+        guard=guard,
+    )
+
+
 # ------------------------------------------------------------------ the operator's contract
 
 
@@ -67,14 +82,7 @@ def test_counter_advances_with_the_update_closed_form() -> None:
     running_mean, running_var, counter = _buffers()
     want_mean = running_mean + 0.2 * (x.mean((0, 2, 3)) - running_mean)
     want_var = running_var + 0.2 * (x.var((0, 2, 3), correction=1) - running_var)
-    out = cpp.train(
-        x,
-        running_mean=running_mean,
-        running_var=running_var,
-        momentum=0.2,
-        num_batches_tracked=counter,
-        guard=True,
-    )
+    out = _step(x, (running_mean, running_var, counter), momentum=0.2, guard=True)
     assert bool(out.updated)
     assert int(counter) == 8
     torch.testing.assert_close(running_mean, want_mean, rtol=1e-12, atol=1e-12)
@@ -84,17 +92,8 @@ def test_counter_advances_with_the_update_closed_form() -> None:
 def test_guard_changes_nothing_on_a_finite_batch() -> None:
     x = torch.randn(5, 3, 7, dtype=torch.float32)
     guarded, plain = _buffers(dtype=torch.float32), _buffers(dtype=torch.float32)
-    a = cpp.train(
-        x,
-        running_mean=guarded[0],
-        running_var=guarded[1],
-        momentum=0.1,
-        num_batches_tracked=guarded[2],
-        guard=True,
-    )
-    b = cpp.train(
-        x, running_mean=plain[0], running_var=plain[1], momentum=0.1, num_batches_tracked=plain[2]
-    )
+    a = _step(x, guarded, guard=True)
+    b = _step(x, plain, guard=False)
     assert torch.equal(a.y, b.y)
     for got, want in zip(guarded, plain, strict=True):
         assert torch.equal(got, want)
@@ -106,14 +105,7 @@ def test_guard_skips_a_nonfinite_batch_whole(bad: float) -> None:
     x[2, 1, 3, 0] = bad
     running_mean, running_var, counter = _buffers()
     saved = (running_mean.clone(), running_var.clone())
-    out = cpp.train(
-        x,
-        running_mean=running_mean,
-        running_var=running_var,
-        momentum=0.1,
-        num_batches_tracked=counter,
-        guard=True,
-    )
+    out = _step(x, (running_mean, running_var, counter), guard=True)
     assert not bool(out.updated)
     assert int(counter) == 7  # not counted either
     # Whole: channels 0 and 2 are finite, but an update is all or nothing.
@@ -126,13 +118,7 @@ def test_without_guard_a_nonfinite_batch_is_absorbed_and_counted() -> None:
     x = torch.randn(6, 3, 4, 4, dtype=F64)
     x[0, 0, 0, 0] = float("nan")
     running_mean, running_var, counter = _buffers()
-    out = cpp.train(
-        x,
-        running_mean=running_mean,
-        running_var=running_var,
-        momentum=0.1,
-        num_batches_tracked=counter,
-    )
+    out = _step(x, (running_mean, running_var, counter), guard=False)
     assert bool(out.updated)
     assert int(counter) == 8
     assert bool(running_mean[0].isnan())
@@ -143,14 +129,7 @@ def test_guard_skips_when_the_buffers_are_already_nonfinite() -> None:
     x = torch.randn(6, 3, 4, 4, dtype=F64)
     running_mean, running_var, counter = _buffers()
     running_var[2] = float("nan")
-    out = cpp.train(
-        x,
-        running_mean=running_mean,
-        running_var=running_var,
-        momentum=0.1,
-        num_batches_tracked=counter,
-        guard=True,
-    )
+    out = _step(x, (running_mean, running_var, counter), guard=True)
     assert not bool(out.updated)
     assert int(counter) == 7
 
@@ -163,14 +142,7 @@ def test_guard_judges_the_value_in_the_buffers_dtype() -> None:
     running_var = torch.full((1,), 3e38)
     counter = torch.tensor(0)
     assert bool(torch.isfinite(x.var(0, correction=1)).all())
-    out = cpp.train(
-        x,
-        running_mean=running_mean,
-        running_var=running_var,
-        momentum=0.9,
-        num_batches_tracked=counter,
-        guard=True,
-    )
+    out = _step(x, (running_mean, running_var, counter), momentum=0.9, guard=True)
     assert not bool(out.updated)
     assert float(running_var) == pytest.approx(3e38)
     assert int(counter) == 0
@@ -505,17 +477,6 @@ def test_bad_input_gets_the_general_paths_messages() -> None:
 
 
 # ----------------------------------------------- per-sample weights in the operator's tiles
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    # The kernels' choice of path depends on the thread count (tiles need C >= threads).
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.usefixtures("threads")

@@ -781,18 +781,6 @@ static inline void shifted_sums_spread(const T* p, int64_t len, const A* k, A* q
   }
 }
 
-// shifted_sums_spread with every value of the run weighted by the sample's weight ws.
-template <typename T, typename A>
-static inline void weighted_sums_spread(const T* p, int64_t len, const A* k, A ws, A* q1,
-                                        A* q2) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    const A d = static_cast<A>(p[i]) - k[i];
-    q1[i] += ws * d;
-    q2[i] += ws * d * d;
-  }
-}
-
 template <typename T, typename A, bool Relu>
 static inline void grad_sums_spread(const T* x, const T* dy, const T* y, int64_t len, const A* m,
                                     A* q1, A* q2) {
@@ -1120,7 +1108,8 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
         tile_run_sums<A>(g, c0, c1, s1, s2, [&](int64_t off, A* q1, A* q2, int64_t gh) {
           const A* k = ks.data() + gh * len;
           if (g.weighted()) {
-            weighted_sums_spread<T, A>(x + off, len, k, *g.weights_at<A>(off / plane, 0), q1, q2);
+            // A row of len values, each with its own shift, all with the sample's weight.
+            weighted_row_sums<T, A>(x + off, len, k, *g.weights_at<A>(off / plane, 0), q1, q2);
           } else {
             shifted_sums_spread<T, A>(x + off, len, k, q1, q2);
           }

@@ -434,7 +434,9 @@ static void for_each_tile_run(const Geometry& g, int64_t c0, int64_t c1, F&& f) 
 // constants' extra loads cost more than they save (1.35x -> 1.5x), hence the bound. The spread
 // arrays hold one run per ghost batch, so with small ghosts they grow towards the size of the
 // input (128x512x7x7 in 16 ghosts of 8: forward 0.86 -> 0.99 ms): at least kSpreadSamples
-// samples per ghost (the arrays then stay within an eighth of the values).
+// samples per ghost (the arrays then stay within an eighth of the values). A sample's run with
+// its spread constants is exactly one row of the rows layout (len values, one constant each),
+// so the row loops (shifted_row_sums, affine_row, grad_row_sums, grad_row) serve it.
 constexpr int64_t kShortInner = 64;
 constexpr int64_t kSpreadSamples = 32;
 
@@ -769,65 +771,6 @@ static inline void affine_row(const T* p, T* q, int64_t cc, const A* m, const A*
   }
 }
 
-// The same loops with a constant per element (spread over a tile's sample run), accumulating
-// element-wise into q1, q2.
-template <typename T, typename A>
-static inline void shifted_sums_spread(const T* p, int64_t len, const A* k, A* q1, A* q2) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    const A d = static_cast<A>(p[i]) - k[i];
-    q1[i] += d;
-    q2[i] += d * d;
-  }
-}
-
-template <typename T, typename A, bool Relu>
-static inline void grad_sums_spread(const T* x, const T* dy, const T* y, int64_t len, const A* m,
-                                    A* q1, A* q2) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    A gi = static_cast<A>(dy[i]);
-    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
-    q1[i] += gi;
-    q2[i] += gi * (static_cast<A>(x[i]) - m[i]);
-  }
-}
-
-template <typename T, typename A, bool Relu>
-static inline void affine_spread(const T* p, T* q, int64_t len, const A* m, const A* a,
-                                 const A* b) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    A v = (static_cast<A>(p[i]) - m[i]) * a[i] + b[i];
-    if constexpr (Relu) v = v > A(0) ? v : A(0);
-    q[i] = static_cast<T>(v);
-  }
-}
-
-template <typename T, typename A, bool Relu>
-static inline void grad_spread(const T* x, const T* dy, const T* y, T* gx, int64_t len,
-                               const A* m, const A* a, const A* b, const A* d) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    A gi = static_cast<A>(dy[i]);
-    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
-    gx[i] = static_cast<T>(a[i] * gi + b[i] * (static_cast<A>(x[i]) - m[i]) + d[i]);
-  }
-}
-
-// grad_spread with the correction terms scaled by the sample's weight ws (masked_grad_run's
-// formula with one weight for the run).
-template <typename T, typename A, bool Relu>
-static inline void weighted_grad_spread(const T* x, const T* dy, const T* y, T* gx, int64_t len,
-                                        const A* m, const A* a, const A* b, const A* d, A ws) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    A gi = static_cast<A>(dy[i]);
-    if constexpr (Relu) gi = static_cast<A>(y[i]) > A(0) ? gi : A(0);
-    gx[i] = static_cast<T>(a[i] * gi + ws * (b[i] * (static_cast<A>(x[i]) - m[i]) + d[i]));
-  }
-}
-
 // gx = a·dy' + b·(x - m) + d
 template <typename T, typename A, bool Relu>
 static inline void grad_run(const T* x, const T* dy, const T* y, T* gx, int64_t len, A m, A a,
@@ -1111,7 +1054,7 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
             // A row of len values, each with its own shift, all with the sample's weight.
             weighted_row_sums<T, A>(x + off, len, k, *g.weights_at<A>(off / plane, 0), q1, q2);
           } else {
-            shifted_sums_spread<T, A>(x + off, len, k, q1, q2);
+            shifted_row_sums<T, A>(x + off, len, 0, 1, k, q1, q2);  // one row of len
           }
         });
       } else {
@@ -1140,7 +1083,7 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
                              bs = spread(g, b, c1 - c0);
         for_each_sample_run(g, c0, [&](int64_t off, int64_t gh) {
           const int64_t at = gh * len;
-          affine_spread<T, A, Relu>(x + off, y + off, len, ms.data() + at, as.data() + at,
+          affine_row<T, A, Relu>(x + off, y + off, len, ms.data() + at, as.data() + at,
                                     bs.data() + at);
         });
         return;
@@ -1477,8 +1420,8 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
       if (short_runs(g)) {
         const std::vector<A> ms = spread(g, mu, c1 - c0);
         tile_run_sums<A>(g, c0, c1, u1, u2, [&](int64_t off, A* q1, A* q2, int64_t gh) {
-          grad_sums_spread<T, A, Relu>(x + off, dy + off, y + off, len, ms.data() + gh * len, q1,
-                                       q2);
+          const A* mg = ms.data() + gh * len;
+          grad_row_sums<T, A, Relu>(x + off, dy + off, y + off, len, 0, 1, mg, q1, q2);
         });
       } else {
         for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
@@ -1504,11 +1447,11 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
         for_each_sample_run(g, c0, [&](int64_t off, int64_t gh) {
           const int64_t at = gh * len;
           if (g.weighted()) {
-            weighted_grad_spread<T, A, Relu>(x + off, dy + off, y + off, gx + off, len,
+            weighted_grad_row<T, A, Relu>(x + off, dy + off, y + off, gx + off, len,
                                              ms.data() + at, as.data() + at, bs.data() + at,
                                              es.data() + at, *g.weights_at<A>(off / plane, 0));
           } else {
-            grad_spread<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, ms.data() + at,
+            grad_row<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, ms.data() + at,
                                     as.data() + at, bs.data() + at, es.data() + at);
           }
         });

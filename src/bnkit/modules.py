@@ -2,6 +2,8 @@
 
 The module holds parameters and buffers, checks its input, and calls the functional core
 (`bnkit.functional.batch_norm`); the rules for moving statistics live in `bnkit.running`.
+Under the policy ``kernels="cpp"`` the steps the C++ operator does alone call it directly
+(`BatchNorm._one_kernel_call`; see docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -607,12 +607,12 @@ class BatchNorm(nn.Module):
 
         Under the policy ``kernels="cpp"``, in eager mode, a layer whose step is only what the
         operators do -- statistics (per ghost batch, or weighted), PyTorch's running-statistics
-        rule, the affine transform, a fused ReLU; or the inference pass without gradients -- skips
-        the general path's dispatch: on mid-sized activations its checks, snapshots and small
-        operations cost about a third as much as the kernel itself. The operator also
-        advances ``num_batches_tracked`` and makes the non-finite guard's decision (it skips
-        an update that would store a NaN or an infinity), so the policies behave as on the
-        general path.
+        rule, the affine transform, a fused ReLU; or the inference pass, with or without
+        gradients -- skips the general path's dispatch: on mid-sized activations its checks,
+        snapshots and small operations cost about a third as much as the kernel itself. The
+        operator also advances ``num_batches_tracked`` and makes the non-finite guard's
+        decision (it skips an update that would store a NaN or an infinity), so the policies
+        behave as on the general path.
 
         Anything unusual (no kernels yet, compiling, half-precision input, mismatched dtypes
         or channels, one value per channel, training without gradients that the

@@ -70,5 +70,7 @@ def test_fast_cpu_training_agrees_with_pytorch_kernels(capsys):
     out = capsys.readouterr().out
     gap = float(out.rsplit("after one step: ", 1)[1].split()[0])
     assert gap < 1e-5
+    cosine = float(out.rsplit("cosine similarity of the maps ", 1)[1].split()[0])
+    assert cosine > 0.9999  # eval-mode input gradients agree between the two paths
     if not cpp.available():  # pragma: no cover - no compiler
         assert "cannot be built" in out

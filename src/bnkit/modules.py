@@ -619,7 +619,8 @@ class BatchNorm(nn.Module):
         ``no_grad_training`` policy reports, an option beyond these) returns None, and
         :meth:`forward` handles it, with its checks and messages.
         """
-        if get_policy("kernels", self.policy) != "cpp" or not cpp.ready():
+        # cpp.ready() first: one dict read, False for every user who never turned the kernels on.
+        if not cpp.ready() or get_policy("kernels", self.policy) != "cpp":
             return None
         if x.dtype not in _FULL or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
             return None

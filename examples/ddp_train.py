@@ -22,12 +22,21 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import bnkit
+
+
+def say(line: str) -> None:
+    """Print one line in a single write: the ranks share stdout, and print()'s separate writes
+    of the text and the newline let another rank's line land in between."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
 
 CLASSES = 4
 
@@ -101,29 +110,29 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             mean_loss = loss.item() * args.batch_size / len(y)
-            print(f"step {step:3d}  loss on rank 0's share {mean_loss:.4f}", flush=True)
+            say(f"step {step:3d}  loss on rank 0's share {mean_loss:.4f}")
 
     layer = model[1]
     assert layer.running_mean is not None
     assert layer.running_var is not None
     mean = layer.running_mean.cpu().tolist()
     var = layer.running_var.cpu().tolist()
-    print(f"rank {rank}: {rows.stop - rows.start} samples per step", flush=True)
-    print(f"rank {rank}: running_mean {mean} running_var {var}", flush=True)
+    say(f"rank {rank}: {rows.stop - rows.start} samples per step")
+    say(f"rank {rank}: running_mean {mean} running_var {var}")
     # Identical bits everywhere: compare through a collective.
     stats = torch.cat([layer.running_mean, layer.running_var]).to(device)
     everywhere = [torch.empty_like(stats) for _ in range(world)]
     dist.all_gather(everywhere, stats)
     if rank == 0:
         same = all(torch.equal(s, everywhere[0]) for s in everywhere)
-        print(f"running statistics identical on all {world} ranks: {same}", flush=True)
+        say(f"running statistics identical on all {world} ranks: {same}")
         # Evaluate on one process with the module itself: the DDP wrapper's forward would
         # wait for the other processes (it broadcasts buffers); eval runs no collective.
         model.eval()
         with torch.no_grad():
             images, labels = batch(10_000, 200)
             accuracy = (model(images.to(device)).argmax(1).cpu() == labels).float().mean()
-        print(f"accuracy on 200 new images: {accuracy:.2f}", flush=True)
+        say(f"accuracy on 200 new images: {accuracy:.2f}")
     # Free DDP (its reducer holds communication work) before tearing the group down, and
     # leave together: gloo can abort a process whose group is destroyed at interpreter exit.
     del ddp, optimizer

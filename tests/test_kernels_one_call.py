@@ -409,7 +409,11 @@ def test_training_without_gradients_still_warns(general_calls: dict[str, int]) -
         ),
         (lambda: bnkit.BatchNorm2d(3), torch.randn(4, 3, 2, 2), {"training": True}),
         (lambda: bnkit.BatchNorm2d(3), torch.randn(4, 3, 2, 2).half(), {}),
-        (lambda: bnkit.BatchNorm2d(3, renorm=True), torch.randn(4, 3, 2, 2), {}),
+        (
+            lambda: bnkit.BatchNorm2d(3, renorm=True, zero_debias="mean"),
+            torch.randn(4, 3, 2, 2),
+            {},
+        ),
         (lambda: bnkit.BatchNorm2d(3, zero_debias="mean"), torch.randn(4, 3, 2, 2), {}),
         (
             lambda: bnkit.BatchNorm2d(3, virtual_batch_size=1, policy={"single_value": "running"}),
@@ -418,19 +422,19 @@ def test_training_without_gradients_still_warns(general_calls: dict[str, int]) -
         ),
         (lambda: bnkit.BatchNorm2d(3, activation="silu"), torch.randn(4, 3, 2, 2), {}),
         (lambda: bnkit.BatchNorm2d(3, track_running_stats=False), torch.randn(4, 3, 2, 2), {}),
-        (lambda: bnkit.BatchNorm1d(3, running_var="biased"), torch.randn(4, 3), {}),
+        (lambda: bnkit.BatchNorm1d(3, running_var="biased", warmup=True), torch.randn(4, 3), {}),
     ],
     ids=[
         "weights-with-grad",
         "weights-and-ghosts",
         "training",
         "half",
-        "renorm",
+        "renorm-zero_debias",
         "zero_debias",
         "ghosts-of-one",
         "silu",
         "no-running",
-        "biased",
+        "biased-warmup",
     ],
 )
 def test_other_steps_take_the_general_path(

@@ -1191,8 +1191,7 @@ def _cpp_training_step(
     cdt = compute_dtype(x.dtype)
     ghosts = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
     renorm = renorm_mean is not None and renorm_stddev is not None
-    clip = renorm_clipping or {}
-    bounds = [None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")]
+    bounds = _renorm_bounds(renorm_clipping)
     # PyTorch's rule on the running buffers: inside the kernel in eager mode (as PyTorch's own
     # kernel does it; no small ops after a large kernel), by running.py under torch.compile
     # (the in-place mutation of an operator argument is kept out of traced graphs).
@@ -1244,6 +1243,12 @@ def _cpp_training_step(
         running.assign_moving_average_(running_mean, stats.mean, momentum)
         running.assign_moving_average_(running_var, stats.var_unbiased, momentum)
     return y, stats
+
+
+def _renorm_bounds(clipping: dict[str, float] | None) -> list[float | None]:
+    """``renorm_clipping`` as the kernels take it: ``[rmin, rmax, dmax]``, None = no bound."""
+    clip = clipping or {}
+    return [None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")]
 
 
 def _cpp_sample_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor | None:

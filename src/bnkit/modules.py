@@ -54,6 +54,9 @@ _STAT_BUFFERS = (
     "renorm_stddev",
 )
 
+# Renorm's buffers (Keras' rule), which the kernels update in place with the running ones.
+_RENORM_BUFFERS = ("running_stddev", "renorm_mean", "renorm_stddev")
+
 
 def _apply_init(target: Tensor, init: Init, default: float, name: str) -> None:
     """Fill ``target`` from a number, an array-like, an in-place callable, or the default."""
@@ -606,8 +609,10 @@ class BatchNorm(nn.Module):
         """The whole call as one C++ operator, or None where :meth:`forward`'s path must run.
 
         Under the policy ``kernels="cpp"``, in eager mode, a layer whose step is only what the
-        operators do -- statistics (per ghost batch, or weighted), PyTorch's running-statistics
-        rule, the affine transform, a fused ReLU; or the inference pass, with or without
+        operators do -- statistics (per ghost batch, or weighted), renorm, a running-statistics
+        rule the kernel knows (``running.kernel_rule``: PyTorch's, the biased feed of TF-slim
+        and Keras, Keras' renorm rule), the affine transform, a fused ReLU; or the inference
+        pass, with or without
         gradients -- skips the general path's dispatch: on mid-sized activations its checks,
         snapshots and small operations cost about a third as much as the kernel itself. The
         operator also advances ``num_batches_tracked`` and makes the non-finite guard's
@@ -653,10 +658,11 @@ class BatchNorm(nn.Module):
             ghosts is None
             or running_mean is None
             or running_var is None
-            or not (running_mean.is_contiguous() and running_var.is_contiguous())
+            or not all(
+                t is None or (t.is_contiguous() and t.dtype == x.dtype)
+                for t in (running_mean, running_var, *(b.get(k) for k in _RENORM_BUFFERS))
+            )
             or (counter is not None and (counter.dtype != torch.long or counter.numel() != 1))
-            or running_mean.dtype != x.dtype
-            or self.renorm
             or self.sync
             or self.adjustment is not None
             or x.numel() <= ghosts * x.shape[a]  # one value per channel: single_value policy
@@ -675,11 +681,14 @@ class BatchNorm(nn.Module):
         ):
             return None  # forward() warns (or raises) about the forgotten model.eval()
         state = self._running_state()
-        momentum = running.kernel_momentum(state, self._rule, self._running_var_for(x, weights))
-        if momentum is None:
+        rule = running.kernel_rule(
+            state, self._rule, self._running_var_for(x, weights), self.renorm_momentum
+        )
+        if rule is None:
             return None
         nonfinite = get_policy("nonfinite", self.policy)
         guard = nonfinite != "update"
+        rmin, rmax, dmax = bnf._renorm_bounds(self.renorm_clipping)
         out = cpp.train(
             xt,
             weight,
@@ -687,13 +696,21 @@ class BatchNorm(nn.Module):
             self.eps,
             ghosts=ghosts,
             strided=self.ghost_layout == "strided",
+            renorm_mean=state.renorm_mean,
+            renorm_std=state.renorm_stddev,
+            rmin=rmin,
+            rmax=rmax,
+            dmax=dmax,
             relu=relu,
             running_mean=running_mean,
             running_var=running_var,
-            momentum=momentum,
+            momentum=rule.momentum,
             sample_weight=sample_weight,
             num_batches_tracked=counter,
             guard=guard,
+            running_std=state.stddev,
+            renorm_momentum=rule.renorm_momentum or 0.0,
+            biased=rule.biased,
         )
         if guard and not out.updated.item():
             self._report_skipped_update(state, nonfinite)

@@ -399,11 +399,73 @@ def kernel_momentum(
         return None
     if state.stddev is not None or state.renorm_mean is not None:
         return None
+    return _fixed_momentum(state, rule)
+
+
+class KernelRule(NamedTuple):
+    """A running-statistics rule that ``bnkit::bn_train`` applies inside the kernel.
+
+    Attributes:
+        momentum: weight of this batch in ``running_mean`` and ``running_var`` (or in
+            ``running_stddev`` with renorm).
+        biased: feed the biased batch variance (``running_var="biased"``) instead of Bessel's.
+        renorm_momentum: with renorm, the weight of this batch in ``renorm_mean`` and
+            ``renorm_stddev``: the kernel then applies Keras' rule of
+            :func:`update_running_stats_`; None without renorm.
+    """
+
+    momentum: float
+    biased: bool
+    renorm_momentum: float | None
+
+
+def kernel_rule(
+    state: RunningState,
+    rule: MovingAverageRule,
+    running_var: RunningVar,
+    renorm_momentum: float | None = None,
+) -> KernelRule | None:
+    """The rule for the C++ training kernel to apply in place, when it can apply this layer's.
+
+    The kernel (``bnkit.kernels.cpp.train``) knows two of this module's rules: PyTorch's
+    (``assign_moving_average_`` of the mean and of the biased or Bessel-corrected variance) and,
+    with renorm, Keras' moving standard deviation with its renorm statistics -- exactly what
+    :func:`update_running_stats_` does for a fixed momentum or a cumulative average without
+    warm-up or zero-debias, in float64 rounded once into each buffer (this module's float32
+    arithmetic can differ in the last bit). Anything else returns None and the caller runs
+    :func:`update_running_stats_` itself. This function decides; :func:`update_running_stats_`
+    is the reference the kernel is tested against.
+
+    Returns:
+        The kernel's rule for this step, or None.
+
+    >>> state = RunningState(torch.zeros(2), torch.ones(2), torch.zeros((), dtype=torch.long))
+    >>> kernel_rule(state, MovingAverageRule(0.1), "biased")
+    KernelRule(momentum=0.1, biased=True, renorm_momentum=None)
+    """
+    if torch.compiler.is_compiling() or rule.warmup or rule.zero_debias:
+        return None
+    renorm = state.renorm_mean is not None or state.stddev is not None
+    if renorm and (
+        state.renorm_mean is None
+        or state.renorm_stddev is None
+        or state.stddev is None
+        or renorm_momentum is None
+    ):
+        return None
+    momentum = _fixed_momentum(state, rule)
+    if momentum is None:
+        return None
+    return KernelRule(momentum, running_var == "biased", renorm_momentum if renorm else None)
+
+
+def _fixed_momentum(state: RunningState, rule: MovingAverageRule) -> float | None:
+    """This step's momentum as a number (a host read of the counter for a cumulative average)."""
     if rule.momentum is not None:
         return rule.momentum
     if state.num_batches_tracked is None:
         return None
-    # Cumulative average, as PyTorch computes it (one host read of the counter).
+    # Cumulative average, as PyTorch computes it.
     return 1.0 / float(state.num_batches_tracked + 1)
 
 

@@ -18,11 +18,13 @@ other strides are made contiguous first):
 
 * ``bnkit::bn_train(x, weight?, bias?, eps, ghosts=1, strided=False, renorm_mean?,
   renorm_std?, rmin?, rmax?, dmax?, relu=False, running_mean?, running_var?, momentum,
-  sample_weight?, num_batches_tracked?, guard=False) -> (y, mean, var, r, d, updated)``: the
+  sample_weight?, num_batches_tracked?, guard=False, running_std?, renorm_momentum=0.0,
+  biased=False) -> (y, mean, var, r, d, updated)``: the
   training forward. Statistics per (ghost batch, channel) -- shifted by the first value, runs
   of at most 2048 values summed in the accumulation type, the runs in float64 -- then
   ``y = act(γ·(x̂·r + d) + β)`` with batch renormalization's r, d from the ghost-averaged
-  statistics; PyTorch's running-statistics rule on the buffers given (see :func:`train`).
+  statistics; PyTorch's running-statistics rule, or Keras' renorm rule, on the buffers given
+  (see :func:`train`).
   Differentiable: its autograd formula (C++, ``bn_backward``) covers x, γ, β and
   the mean/var outputs; r and d are constants. With ``create_graph=True`` (double backward)
   the gradient is recomputed with differentiable ATen operations. :func:`train` is the Python
@@ -211,6 +213,9 @@ def _register_fakes() -> None:
         sample_weight: Tensor | None = None,
         num_batches_tracked: Tensor | None = None,
         guard: bool = False,
+        running_std: Tensor | None = None,
+        renorm_momentum: float = 0.0,
+        biased: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         c = x.shape[1]
         dt = stats_dtype(x)
@@ -451,6 +456,9 @@ def train(
     sample_weight: Tensor | None = None,
     num_batches_tracked: Tensor | None = None,
     guard: bool = False,
+    running_std: Tensor | None = None,
+    renorm_momentum: float = 0.0,
+    biased: bool = False,
 ) -> TrainOutput:
     """The training forward with every option the kernels serve, differentiable.
 
@@ -464,7 +472,12 @@ def train(
     With ``running_mean``/``running_var`` (contiguous float32/float64 buffers), PyTorch's rule
     is applied to them in place, as ``torch.nn.functional.batch_norm`` does:
     ``stat += momentum·(batch − stat)`` with the mean and the Bessel-corrected variance
-    (``n/max(n − 1, 1)``), averaged over ghosts, in float64. ``num_batches_tracked`` (a
+    (``n/max(n − 1, 1)``; the biased variance when ``biased``, as TF-slim and Keras), averaged
+    over ghosts, in float64. With ``running_std`` too (renorm), Keras' rule instead:
+    ``running_std`` absorbs ``sqrt(var + eps)``, ``running_var := max(running_std² − eps, 0)``,
+    and ``renorm_mean``/``renorm_std`` absorb the mean and ``sqrt(biased var + eps)`` with
+    ``renorm_momentum`` (after r and d are computed from their old values); the reference is
+    ``bnkit.running.update_running_stats_``. ``num_batches_tracked`` (a
     one-element int64 tensor; needs the running buffers) is then advanced by one, as PyTorch
     counts. With ``guard``, an update that would store a NaN or an infinity in either buffer is
     skipped whole (buffers and counter unchanged) and ``updated`` is False; the layer's
@@ -503,6 +516,9 @@ def train(
         sample_weight,
         num_batches_tracked,
         guard,
+        running_std,
+        renorm_momentum,
+        biased,
     )
     return TrainOutput(y, mean, var, r, d, updated)
 

@@ -11,13 +11,15 @@
 //                                         the sums for dweight, dbias when param_grads
 //   bn_train(x, weight?, bias?, eps, ghosts, strided, renorm_mean?, renorm_std?, rmin?, rmax?,
 //            dmax?, relu, running_mean?, running_var?, momentum, sample_weight?,
-//            num_batches_tracked?, guard) -> (y, mean, var, r, d, updated)
+//            num_batches_tracked?, guard, running_std?, renorm_momentum, biased)
+//                                         -> (y, mean, var, r, d, updated)
 //                                         training forward: statistics per (ghost, channel)
 //                                         (weighted with sample_weight), batch-renorm r and d
 //                                         from the ghost-averaged statistics, then
 //                                         y = act(gamma (x_hat r + d) + beta); PyTorch's
-//                                         running-statistics rule applied to the buffers if
-//                                         given (and the counter advanced); with guard, an
+//                                         running-statistics rule (or Keras' renorm rule with
+//                                         running_std) applied to the buffers if given (and
+//                                         the counter advanced); with guard, an
 //                                         update that would leave a non-finite value is
 //                                         skipped (updated = false). Autograd formula in C++
 //                                         (TrainFunction).
@@ -1237,58 +1239,107 @@ at::Tensor bn_eval(const at::Tensor& input, const at::Tensor& mean, const at::Te
   return y;
 }
 
-// PyTorch's running-statistics rule, as torch.nn.functional.batch_norm applies it inside its
-// kernel: stat += momentum·(batch − stat), the mean and the Bessel-corrected variance
-// (n/max(n − 1, 1), n values per channel per ghost) averaged over ghosts, in float64, stored in
-// the buffer's dtype. bnkit's running.py delegates this one rule to the kernels (see
-// docs/architecture.md); every other rule stays there.
+// The running-statistics rules that bnkit's running.py lets the kernel apply (see
+// running.kernel_rule and docs/architecture.md; running.py stays their reference, and the tests
+// hold the two together):
+//
+// * PyTorch's, as torch.nn.functional.batch_norm applies it inside its kernel:
+//   stat += momentum·(batch − stat), with the mean and the Bessel-corrected variance
+//   (n/max(n − 1, 1), n values per channel per ghost), or the biased variance (TF-slim, Keras),
+//   averaged over ghosts, in float64, stored in the buffer's dtype.
+// * Keras' batch renormalization, when running_std is given: running_std absorbs
+//   sqrt(var + eps) instead of running_var absorbing var, and running_var := max(std² − eps, 0);
+//   renorm_mean and renorm_std absorb the mean and sqrt(biased var + eps) with renorm_momentum.
 //
 // With guard (the layer's nonfinite policy): when any value the update would store is NaN or
 // infinite (a batch with a NaN or an inf, or buffers that already were), nothing is written and
 // the result is false; the layer then counts and reports the skipped update. This is the same
 // decision as the layer's snapshot-and-restore check, made before writing instead of after.
+struct RunningRule {
+  at::Tensor mean, var;            // running_mean, running_var
+  at::Tensor std;                  // Keras renorm's running_std (undefined: PyTorch's rule)
+  at::Tensor renorm_mean, renorm_std;
+  double momentum = 0.0, renorm_momentum = 0.0;
+  bool biased = false;             // feed the biased batch variance (TF) instead of Bessel's
+};
+
+// One buffer's next values, in the buffer's dtype: value[ch] becomes old + w·(value − old)
+// (exact in double once rounded to the buffer's dtype). Returns whether all are finite.
+static bool next_values(const at::Tensor& buffer, std::vector<double>& value, double w) {
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "bnkit_running", [&] {
+    const scalar_t* p = buffer.const_data_ptr<scalar_t>();
+    for (size_t ch = 0; ch < value.size(); ++ch) {
+      const double old = static_cast<double>(p[ch]);
+      const scalar_t next = static_cast<scalar_t>(old + w * (value[ch] - old));
+      finite = finite && std::isfinite(static_cast<double>(next));
+      value[ch] = static_cast<double>(next);
+    }
+  });
+  return finite;
+}
+
+static void store_values(const at::Tensor& buffer, const std::vector<double>& value) {
+  AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "bnkit_running_store", [&] {
+    scalar_t* p = buffer.data_ptr<scalar_t>();
+    for (size_t ch = 0; ch < value.size(); ++ch) p[ch] = static_cast<scalar_t>(value[ch]);
+  });
+}
+
 static bool update_running(const Geometry& g, const std::vector<double>& mean,
-                           const std::vector<double>& var, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, double momentum, bool guard) {
+                           const std::vector<double>& var, const RunningRule& rule, double eps,
+                           bool guard) {
   const double n = g.denominator();
-  const double bessel = n / std::max(n - 1.0, 1.0);
+  const double bessel = rule.biased ? 1.0 : n / std::max(n - 1.0, 1.0);
   const double gs = static_cast<double>(g.ghosts);
-  std::vector<double> mu(g.c, 0.0), vu(g.c, 0.0);
+  std::vector<double> mu(g.c, 0.0), vb(g.c, 0.0);  // ghost-averaged mean and biased variance
   for (int64_t gh = 0; gh < g.ghosts; ++gh) {
     for (int64_t ch = 0; ch < g.c; ++ch) {
       mu[ch] += mean[gh * g.c + ch];
-      vu[ch] += var[gh * g.c + ch];
+      vb[ch] += var[gh * g.c + ch];
     }
   }
+  std::vector<double> vin(g.c);  // the variance the running estimate absorbs
   for (int64_t ch = 0; ch < g.c; ++ch) {
     mu[ch] /= gs;
-    vu[ch] *= bessel / gs;
+    vin[ch] = vb[ch] * (bessel / gs);
+    vb[ch] /= gs;
   }
-  // The new values in the buffer's dtype first (a float32 buffer can overflow where the
-  // double value did not), written only once both buffers are known to stay finite.
-  auto updated = [&](const at::Tensor& buffer, std::vector<double>& value) {
-    bool finite = true;
-    AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "bnkit_running", [&] {
-      const scalar_t* p = buffer.const_data_ptr<scalar_t>();
+  const bool renorm = rule.std.defined();
+  // New values in the buffers' dtypes first (a float32 buffer can overflow where the double
+  // value did not), written only once every one is known to stay finite.
+  std::vector<double> rmean, rstd;
+  if (renorm) {
+    rmean = mu;
+    rstd.resize(g.c);
+    for (int64_t ch = 0; ch < g.c; ++ch) rstd[ch] = std::sqrt(vb[ch] + eps);
+    for (int64_t ch = 0; ch < g.c; ++ch) vin[ch] = std::sqrt(vin[ch] + eps);  // a stddev now
+  }
+  bool finite = next_values(rule.mean, mu, rule.momentum);
+  finite &= next_values(renorm ? rule.std : rule.var, vin, rule.momentum);
+  std::vector<double> vnext;
+  if (renorm) {
+    vnext.resize(g.c);
+    AT_DISPATCH_FLOATING_TYPES(rule.var.scalar_type(), "bnkit_running_var", [&] {
       for (int64_t ch = 0; ch < g.c; ++ch) {
-        const double old = static_cast<double>(p[ch]);
-        const scalar_t next = static_cast<scalar_t>(old + momentum * (value[ch] - old));
-        finite = finite && std::isfinite(static_cast<double>(next));
-        value[ch] = static_cast<double>(next);  // exact: next is a scalar_t
+        const scalar_t v = static_cast<scalar_t>(std::max(vin[ch] * vin[ch] - eps, 0.0));
+        finite = finite && std::isfinite(static_cast<double>(v));
+        vnext[ch] = static_cast<double>(v);
       }
     });
-    return finite;
-  };
-  const bool finite = updated(running_mean, mu) & updated(running_var, vu);
+    finite &= next_values(rule.renorm_mean, rmean, rule.renorm_momentum);
+    finite &= next_values(rule.renorm_std, rstd, rule.renorm_momentum);
+  }
   if (guard && !finite) return false;
-  auto store = [&](const at::Tensor& buffer, const std::vector<double>& value) {
-    AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "bnkit_running_store", [&] {
-      scalar_t* p = buffer.data_ptr<scalar_t>();
-      for (int64_t ch = 0; ch < g.c; ++ch) p[ch] = static_cast<scalar_t>(value[ch]);
-    });
-  };
-  store(running_mean, mu);
-  store(running_var, vu);
+  store_values(rule.mean, mu);
+  if (renorm) {
+    store_values(rule.std, vin);
+    store_values(rule.var, vnext);
+    store_values(rule.renorm_mean, rmean);
+    store_values(rule.renorm_std, rstd);
+  } else {
+    store_values(rule.var, vin);
+  }
   return true;
 }
 
@@ -1308,7 +1359,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool relu, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, double momentum,
     const std::optional<at::Tensor>& sample_weight,
-    const std::optional<at::Tensor>& num_batches_tracked, bool guard) {
+    const std::optional<at::Tensor>& num_batches_tracked, bool guard,
+    const std::optional<at::Tensor>& running_std, double renorm_momentum, bool biased) {
   check_input(input);
   Geometry g = geometry_of(input, ghosts, strided);
   attach_weights(g, sample_weight);
@@ -1335,6 +1387,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "bnkit::bn_train: give both running_mean and running_var, or neither");
   check_running(running_mean, g.c, "running_mean");
   check_running(running_var, g.c, "running_var");
+  if (has(running_std)) {
+    TORCH_CHECK(has(running_mean) && has(renorm_std),
+                "bnkit::bn_train: running_std (Keras' renorm rule) needs running_mean, "
+                "running_var, renorm_mean and renorm_std too");
+    check_running(running_std, g.c, "running_std");
+    check_running(renorm_mean, g.c, "renorm_mean");
+    check_running(renorm_std, g.c, "renorm_std");
+  }
   if (has(num_batches_tracked)) {
     TORCH_CHECK(has(running_mean), "bnkit::bn_train: num_batches_tracked counts updates of ",
                 "running_mean/running_var; give them too");
@@ -1359,7 +1419,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   bool applied = true;
   if (has(running_mean) && g.c > 0 && g.x.numel() > 0) {
-    applied = update_running(g, mean, var, *running_mean, *running_var, momentum, guard);
+    RunningRule rule;
+    rule.mean = *running_mean;
+    rule.var = *running_var;
+    rule.momentum = momentum;
+    rule.biased = biased;
+    if (has(running_std)) {
+      rule.std = *running_std;
+      rule.renorm_mean = *renorm_mean;
+      rule.renorm_std = *renorm_std;
+      rule.renorm_momentum = renorm_momentum;
+    }
+    applied = update_running(g, mean, var, rule, eps, guard);
   }
   // As torch.nn.BatchNorm*d counts its training calls; an update the guard skipped is not one.
   if (applied && has(num_batches_tracked)) ++num_batches_tracked->data_ptr<int64_t>()[0];
@@ -1716,6 +1787,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_eval_backward(
 
 // ------------------------------------------------------------------------------ autograd
 
+// bn_train's arguments: its backward returns one gradient slot for each.
+constexpr size_t kTrainArguments = 21;
+
 static torch::autograd::variable_list differentiable_backward(
     torch::autograd::AutogradContext* ctx, const torch::autograd::variable_list& grads,
     const torch::autograd::variable_list& saved);
@@ -1733,7 +1807,8 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
       std::optional<double> rmax, std::optional<double> dmax, bool relu,
       const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
       double momentum, const std::optional<at::Tensor>& sample_weight,
-      const std::optional<at::Tensor>& num_batches_tracked, bool guard) {
+      const std::optional<at::Tensor>& num_batches_tracked, bool guard,
+      const std::optional<at::Tensor>& running_std, double renorm_momentum, bool biased) {
     at::AutoDispatchBelowADInplaceOrView below;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bnkit::bn_train", "")
@@ -1741,10 +1816,17 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     auto [y, mean, var, r, d, updated] =
         op.call(x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax, dmax,
                 relu, running_mean, running_var, momentum, sample_weight, num_batches_tracked,
-                guard);
+                guard, running_std, renorm_momentum, biased);
     // Skipping ADInplaceOrView above also skips its version-counter bump of the buffers.
-    for (const auto* t : {&running_mean, &running_var, &num_batches_tracked}) {
-      if (has(*t) && !(*t)->is_inference()) (*t)->unsafeGetTensorImpl()->bump_version();
+    auto bump = [](const std::optional<at::Tensor>& t) {
+      if (has(t) && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+    };
+    for (const auto* t : {&running_mean, &running_var, &num_batches_tracked, &running_std}) {
+      bump(*t);
+    }
+    if (has(running_std)) {  // Keras' renorm rule also moves the renorm statistics
+      bump(renorm_mean);
+      bump(renorm_std);
     }
     const bool renorm = has(renorm_std);
     // r and d are saved from the forward: the renorm buffers are updated in place after it.
@@ -1786,7 +1868,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
                                 ctx->saved_data["strided"].toBool(), opt(r), opt(d), opt(y),
                                 opt(sw));
     // No gradient for the sample weights: callers send weights that need one elsewhere.
-    torch::autograd::variable_list out(18);
+    torch::autograd::variable_list out(kTrainArguments);
     out[0] = gx;
     if (weight.defined()) out[1] = gw.to(weight.scalar_type());
     if (ctx->saved_data["bias"].toBool()) out[2] = gb;
@@ -1857,7 +1939,7 @@ static torch::autograd::variable_list differentiable_backward(
   const bool want_w = weight.defined() && ctx->needs_input_grad(1) && weight.requires_grad();
   if (want_x) inputs.push_back(x);
   if (want_w) inputs.push_back(weight);
-  torch::autograd::variable_list result(18);
+  torch::autograd::variable_list result(kTrainArguments);
   if (!inputs.empty()) {
     auto got = torch::autograd::grad(outputs, inputs, seeds, /*retain_graph=*/true,
                                      /*create_graph=*/true, /*allow_unused=*/true);
@@ -1880,10 +1962,12 @@ bn_train_autograd(
     bool relu, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, double momentum,
     const std::optional<at::Tensor>& sample_weight,
-    const std::optional<at::Tensor>& num_batches_tracked, bool guard) {
+    const std::optional<at::Tensor>& num_batches_tracked, bool guard,
+    const std::optional<at::Tensor>& running_std, double renorm_momentum, bool biased) {
   auto out = TrainFunction::apply(input, weight, bias, eps, ghosts, strided, renorm_mean,
                                   renorm_std, rmin, rmax, dmax, relu, running_mean, running_var,
-                                  momentum, sample_weight, num_batches_tracked, guard);
+                                  momentum, sample_weight, num_batches_tracked, guard,
+                                  running_std, renorm_momentum, biased);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
@@ -1982,10 +2066,11 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
       "bool relu=False) -> Tensor");
   m.def(
       "bn_train(Tensor x, Tensor? weight, Tensor? bias, float eps, int ghosts=1, "
-      "bool strided=False, Tensor? renorm_mean=None, Tensor? renorm_std=None, "
+      "bool strided=False, Tensor(e!)? renorm_mean=None, Tensor(f!)? renorm_std=None, "
       "float? rmin=None, float? rmax=None, float? dmax=None, bool relu=False, "
       "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, float momentum=0.0, "
-      "Tensor? sample_weight=None, Tensor(c!)? num_batches_tracked=None, bool guard=False) "
+      "Tensor? sample_weight=None, Tensor(c!)? num_batches_tracked=None, bool guard=False, "
+      "Tensor(d!)? running_std=None, float renorm_momentum=0.0, bool biased=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "

@@ -354,3 +354,27 @@ def test_renorm_buffers_the_kernel_cannot_take_fall_back(general_calls: dict[str
     layer(torch.randn(8, 3, 4, 4))
     assert general_calls["batch_norm"] == 1
     assert int(layer.num_batches_tracked) == 1  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("cpp_policy")
+@pytest.mark.parametrize("running_var", ["unbiased", "biased"])
+def test_weighted_renorm_one_call_matches_the_general_path(
+    running_var: str, general_calls: dict[str, int]
+) -> None:
+    torch.manual_seed(6)
+    cfg: dict[str, Any] = {"eps": EPS, "renorm": True, "running_var": running_var}
+    one = bnkit.BatchNorm(4, **cfg).double()
+    general = bnkit.BatchNorm(4, **cfg).double()
+    general.load_state_dict(one.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = torch.randn(8, 4, 3, 5, generator=gen, dtype=F64) * 2 + 1
+        w = torch.rand(8, generator=gen, dtype=F64) + 0.5
+        torch.testing.assert_close(
+            one(x, weights=w), general(x, weights=w, training=True), rtol=1e-12, atol=1e-12
+        )
+    assert general_calls["batch_norm"] == 3  # the twin's calls only
+    for (name, a), (_, b) in zip(
+        one.state_dict().items(), general.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)

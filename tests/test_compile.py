@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import bnkit
+from bnkit import functional as bnf
 from bnkit.policies import BatchNormWarning, calibrating
 
 # Float32 outputs and gradients of compiled and eager code differ by a few ulp where the two
@@ -386,6 +387,35 @@ def test_renorm_compiles_with_the_partitioner_and_matches_eager() -> None:
         for (name, p_c), p_e in zip(model.named_parameters(), eager.parameters(), strict=True):
             _same(p_c.grad, p_e.grad, False, f"{name}.grad, step {step}", GRAD)
         _same_state(model, eager, False, f"after step {step}")
+
+
+@_RESUME_CHATTER
+def test_renorm_statistics_that_require_grad_compile_and_get_none() -> None:
+    """r and d carry no gradient: renorm statistics passed with requires_grad (a functional
+    user's own tensors) compile and get no gradient, as in eager mode."""
+    renorm_mean = torch.zeros(3, requires_grad=True)
+    renorm_stddev = torch.ones(3, requires_grad=True)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = bnf.batch_norm(
+            x,
+            training=True,
+            renorm_mean=renorm_mean,
+            renorm_stddev=renorm_stddev,
+            renorm_clipping={"rmax": 1.5},
+        )
+        return y
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x_e = _data((4, 3, 5), 0).requires_grad_()
+    x_c = x_e.detach().clone().requires_grad_()
+    y_e, y_c = step(x_e), compiled(x_c)
+    torch.testing.assert_close(y_c, y_e, **TIGHT)
+    y_e.sum().backward()
+    y_c.sum().backward()
+    torch.testing.assert_close(x_c.grad, x_e.grad, **TIGHT)
+    assert renorm_mean.grad is None
+    assert renorm_stddev.grad is None
 
 
 def test_no_grad_training_warning_is_python_and_breaks_the_graph() -> None:

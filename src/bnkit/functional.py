@@ -438,7 +438,18 @@ def _renorm_correction(
         None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")
     )
     terms = _renorm_terms_op if torch.compiler.is_compiling() else _renorm_terms
-    r, d = terms(mean.detach(), var.detach(), renorm_mean, renorm_stddev, eps, rmin, rmax, dmax)
+    # All inputs detached: r and d carry no gradient, and the custom op has no autograd formula
+    # (renorm statistics that require grad, e.g. passed by a user, would fail in its backward).
+    r, d = terms(
+        mean.detach(),
+        var.detach(),
+        renorm_mean.detach(),
+        renorm_stddev.detach(),
+        eps,
+        rmin,
+        rmax,
+        dmax,
+    )
     return r, d
 
 

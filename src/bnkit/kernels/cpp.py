@@ -481,8 +481,8 @@ def train(
     ``renorm_momentum`` (after r and d are computed from their old values); the reference is
     ``bnkit.running.update_running_stats_``. ``num_batches_tracked`` (a
     one-element int64 tensor; needs the running buffers) is then advanced by one, as PyTorch
-    counts. With ``guard``, an update that would store a NaN or an infinity in either buffer is
-    skipped whole (buffers and counter unchanged) and ``updated`` is False; the layer's
+    counts. With ``guard``, an update that would store a NaN or an infinity in any of the buffers
+    it writes is skipped whole (buffers and counter unchanged) and ``updated`` is False; the layer's
     ``nonfinite`` policy reports it.
 
     ``sample_weight`` (no ghosts; no gradient): frequency weights, the same for every channel,

@@ -1340,10 +1340,17 @@ static bool update_running(const Geometry& g, const std::vector<double>& mean,
   finite &= next_values(renorm ? rule.std : rule.var, vin, rule.momentum);
   std::vector<double> vnext;
   if (renorm) {
+    // running_var := max(std² − eps, 0) in the buffer's dtype, as running.py (and Keras)
+    // compute it: when the variance is far below eps the subtraction cancels, and float64
+    // arithmetic would give a different (more exact) value than the reference.
     vnext.resize(g.c);
     AT_DISPATCH_FLOATING_TYPES(rule.var.scalar_type(), "bnkit_running_var", [&] {
+      const scalar_t e = static_cast<scalar_t>(eps);
       for (int64_t ch = 0; ch < g.c; ++ch) {
-        const scalar_t v = static_cast<scalar_t>(std::max(vin[ch] * vin[ch] - eps, 0.0));
+        const scalar_t s = static_cast<scalar_t>(vin[ch]);  // exact: the stored stddev
+        volatile scalar_t square = s * s;  // rounded, not fused into the subtraction
+        const scalar_t diff = square - e;
+        const scalar_t v = diff < scalar_t(0) ? scalar_t(0) : diff;  // NaN stays NaN
         finite = finite && std::isfinite(static_cast<double>(v));
         vnext[ch] = static_cast<double>(v);
       }
@@ -1842,10 +1849,11 @@ static bool plain_cpu_tensor(const at::Tensor& t) {
          !c10::impl::TorchDispatchModeTLS::any_modes_set();
 }
 
-// 1/sqrt(var + eps) per element, in float64 rounded once, as a new tensor of var's dtype. A
-// plain loop: ATen's add and rsqrt on these C values took about 25 µs per backward, right after
-// a large kernel has evicted the dispatcher's working set from the caches. While tracing
-// (torch.compile's backward graph), the ATen operations.
+// at::rsqrt(var + eps) as a plain loop: ATen's add and rsqrt on these C values took about 25 µs
+// per backward, right after a large kernel has evicted the dispatcher's working set from the
+// caches. The same arithmetic in var's dtype (eps rounded to it, a correctly rounded add,
+// square root and division, as ATen's CPU kernels compute them), so the eager gradient equals
+// the one of a traced graph, which keeps the ATen operations (torch.compile's backward).
 static at::Tensor inverse_std(const at::Tensor& var, double eps) {
   if (!plain_cpu_tensor(var)) return at::rsqrt(var + eps);
   const at::Tensor v = var.contiguous();
@@ -1853,9 +1861,8 @@ static at::Tensor inverse_std(const at::Tensor& var, double eps) {
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bnkit_inverse_std", [&] {
     const scalar_t* p = v.const_data_ptr<scalar_t>();
     scalar_t* q = out.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < v.numel(); ++i) {
-      q[i] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(p[i]) + eps));
-    }
+    const scalar_t e = static_cast<scalar_t>(eps);
+    for (int64_t i = 0; i < v.numel(); ++i) q[i] = scalar_t(1) / std::sqrt(p[i] + e);
   });
   return out;
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -23,3 +24,28 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
         yield request.param
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def general_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts calls of the general path (functional.batch_norm) made by bnkit's modules."""
+    from bnkit import functional as bnf
+
+    counts = {"batch_norm": 0}
+    original = bnf.batch_norm
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counts["batch_norm"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bnf, "batch_norm", counting)
+    return counts
+
+
+@pytest.fixture
+def cpp_policy() -> Iterator[None]:
+    """The test runs under the policy kernels="cpp"."""
+    import bnkit
+
+    with bnkit.policy(kernels="cpp"):
+        yield

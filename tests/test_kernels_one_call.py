@@ -11,7 +11,6 @@ general path with its messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,26 +29,6 @@ F64 = torch.float64
 def built() -> None:
     if not cpp.available():
         pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
-
-
-@pytest.fixture
-def general_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts calls of the general path (functional.batch_norm) made by the module."""
-    counts = {"batch_norm": 0}
-    original = bnf.batch_norm
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        counts["batch_norm"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(bnf, "batch_norm", counting)
-    return counts
-
-
-@pytest.fixture
-def cpp_policy() -> Iterator[None]:
-    with bnkit.policy(kernels="cpp"):
-        yield
 
 
 def _buffers(n: int = 3, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:

@@ -10,14 +10,12 @@ reference after the same kernel), and the non-finite guard over all five renorm 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 import bnkit
-from bnkit import functional as bnf
 from bnkit import running
 from bnkit.kernels import cpp
 from bnkit.policies import BatchNormWarning
@@ -30,26 +28,6 @@ EPS = 1e-3
 def built() -> None:
     if not cpp.available():
         pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
-
-
-@pytest.fixture
-def general_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts calls of the general path (functional.batch_norm) made by the module."""
-    counts = {"batch_norm": 0}
-    original = bnf.batch_norm
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        counts["batch_norm"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(bnf, "batch_norm", counting)
-    return counts
-
-
-@pytest.fixture
-def cpp_policy() -> Iterator[None]:
-    with bnkit.policy(kernels="cpp"):
-        yield
 
 
 def _state(c: int, dtype: torch.dtype = F64, *, renorm: bool) -> running.RunningState:

@@ -358,3 +358,21 @@ def test_weighted_renorm_one_call_matches_the_general_path(
         one.state_dict().items(), general.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.usefixtures("cpp_policy")
+def test_renorm_switched_off_later_takes_the_general_path(general_calls: dict[str, int]) -> None:
+    # The buffers stay (and keep Keras' rule, as on the general path); the correction stops.
+    layer = bnkit.BatchNorm2d(3, renorm=True)
+    twin = bnkit.BatchNorm2d(3, renorm=True)
+    layer.renorm = False
+    twin.renorm = False
+    x = torch.randn(8, 3, 4, 4) * 2 + 1
+    y = layer(x)
+    assert general_calls["batch_norm"] == 1
+    with bnkit.policy(kernels="torch"):
+        torch.testing.assert_close(y, twin(x))
+    for (name, a), (_, b) in zip(
+        layer.state_dict().items(), twin.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)

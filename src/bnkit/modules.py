@@ -612,12 +612,11 @@ class BatchNorm(nn.Module):
         operators do -- statistics (per ghost batch, or weighted), renorm, a running-statistics
         rule the kernel knows (``running.kernel_rule``: PyTorch's, the biased feed of TF-slim
         and Keras, Keras' renorm rule), the affine transform, a fused ReLU; or the inference
-        pass, with or without
-        gradients -- skips the general path's dispatch: on mid-sized activations its checks,
-        snapshots and small operations cost about a third as much as the kernel itself. The
-        operator also advances ``num_batches_tracked`` and makes the non-finite guard's
-        decision (it skips an update that would store a NaN or an infinity), so the policies
-        behave as on the general path.
+        pass, with or without gradients -- skips the general path's dispatch: on mid-sized
+        activations its checks, snapshots and small operations cost about a third as much as
+        the kernel itself. The operator also advances ``num_batches_tracked`` and makes the
+        non-finite guard's decision (it skips an update that would store a NaN or an
+        infinity), so the policies behave as on the general path.
 
         Anything unusual (no kernels yet, compiling, half-precision input, mismatched dtypes
         or channels, one value per channel, training without gradients that the
@@ -665,6 +664,8 @@ class BatchNorm(nn.Module):
             or (counter is not None and (counter.dtype != torch.long or counter.numel() != 1))
             or self.sync
             or self.adjustment is not None
+            # renorm switched off after construction, its buffers kept: the general path
+            or (not self.renorm and b.get("renorm_mean") is not None)
             or x.numel() <= ghosts * x.shape[a]  # one value per channel: single_value policy
             or not self._updates_running_stats(x, weights)
         ):

@@ -179,7 +179,7 @@ def test_configurations_the_kernels_do_not_serve_fall_through(calls: dict[str, i
             bnf.batch_norm(x, training=True, adjustment=lambda shape: (torch.ones(4), 0.0)),
             bnf.batch_norm(x, training=True, weights=needs_grad),
             bnf.batch_norm(x, training=True, weights=per_channel),
-            bnf.batch_norm(x, training=True, weights=torch.rand(8), virtual_batch_size=4),
+            bnf.batch_norm(x, training=True, weights=per_channel, virtual_batch_size=4),
         ]
     assert calls["train"] == 0
     assert all(y.shape == x.shape for y in outputs)
@@ -245,8 +245,90 @@ def test_weighted_training_gradcheck_float64(kind: str, layout: str) -> None:
 def test_zero_total_weight_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="sample weights sum to zero"):
         cpp.train(torch.randn(4, 3, 2, 2), sample_weight=torch.zeros(4))
+    one_empty_ghost = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"sum to zero (.*) of a ghost batch"):
+        cpp.train(torch.randn(4, 3, 2, 2), ghosts=2, sample_weight=one_empty_ghost)
+    cpp.train(torch.randn(4, 3, 2, 2), ghosts=2, strided=True, sample_weight=one_empty_ghost)
     with pytest.raises(RuntimeError, match=r"sample_weight must have 4 \(per sample\) or 16"):
         cpp.train(torch.randn(4, 3, 2, 2), sample_weight=torch.ones(5))
+
+
+WEIGHTED_GHOST_CASES: list[tuple[tuple[int, ...], str, int, bool, str]] = [
+    # (shape, layout, virtual batch size, strided, weights)
+    ((8, 3, 4, 5), "contiguous", 4, False, "per-sample"),  # tiles
+    ((8, 3, 4, 5), "contiguous", 2, True, "per-sample"),
+    ((8, 3, 4, 5), "channels_last", 4, False, "per-position"),  # rows
+    ((8, 3, 4, 5), "contiguous", 4, True, "per-position"),  # blocks, two passes
+    ((12, 5), "contiguous", 3, False, "per-sample"),  # 2-D rows
+    ((12, 5), "contiguous", 4, True, "per-sample"),
+    ((64, 6, 3, 5), "contiguous", 32, False, "per-sample"),  # short runs, spread constants
+    ((64, 40, 7, 7), "contiguous", 16, False, "per-sample"),  # several tiles
+    ((16, 8, 20, 20), "channels_last", 4, True, "per-position"),  # rows, in parallel
+]
+
+
+@pytest.mark.usefixtures("built", "threads")
+@pytest.mark.parametrize("renorm_relu", [False, True], ids=["plain", "renorm-relu"])
+@pytest.mark.parametrize(
+    ("shape", "layout", "vbs", "strided", "weights"),
+    WEIGHTED_GHOST_CASES,
+    ids=[
+        "x".join(map(str, c[0])) + f"-{c[1]}-v{c[2]}-{'s' if c[3] else 'c'}-{c[4]}"
+        for c in WEIGHTED_GHOST_CASES
+    ],
+)
+def test_sample_weights_with_ghosts_match_the_reference(
+    shape: tuple[int, ...],
+    layout: str,
+    vbs: int,
+    strided: bool,
+    weights: str,
+    renorm_relu: bool,
+    calls: dict[str, int],
+) -> None:
+    """Each ghost batch divides by its own total weight (and takes its own Bessel factor in
+    the running variance), as the reference composite computes it; float64, so the kernel and
+    the closed form agree to rounding."""
+    gen = torch.Generator().manual_seed(12)
+    f64 = torch.float64
+    x = torch.randn(shape, generator=gen, dtype=f64) * 2 + 0.7
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    n, c = shape[:2]
+    if weights == "per-sample":
+        w = torch.rand(n, generator=gen, dtype=f64) + 0.3
+    else:
+        w = (torch.rand(n, 1, *shape[2:], generator=gen, dtype=f64) > 0.3).double() + 0.1
+    gamma = torch.rand(c, generator=gen, dtype=f64) + 0.5
+    beta = torch.randn(c, generator=gen, dtype=f64)
+    dy = torch.randn(shape, generator=gen, dtype=f64)
+    options: dict[str, Any] = {
+        "training": True,
+        "momentum": 0.2,
+        "eps": 1e-3,
+        "weights": w,
+        "virtual_batch_size": vbs,
+        "ghost_layout": "strided" if strided else "contiguous",
+        "return_stats": True,
+    }
+    if renorm_relu:
+        options.update(
+            activation="relu",
+            renorm_mean=torch.randn(c, generator=gen, dtype=f64) * 0.1,
+            renorm_stddev=torch.rand(c, generator=gen, dtype=f64) + 0.5,
+            renorm_clipping={"rmax": 1.3},
+        )
+    results = []
+    for impl in ("reference", "cpp"):
+        leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+        rm, rv = torch.zeros(c, dtype=f64), torch.ones(c, dtype=f64)
+        y, stats = bnf.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], impl=impl, **options)
+        grads = torch.autograd.grad(y, leaves, dy)
+        results.append((y, *grads, rm, rv, stats.mean, stats.var, stats.var_unbiased))
+    assert calls["train"] == 1  # the kernels ran for impl="cpp"
+    names = ["y", "dx", "dgamma", "dbeta", "running_mean", "running_var", "mean", "var", "unb"]
+    for name, got, want in zip(names, results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.usefixtures("built")
@@ -492,6 +574,8 @@ DOUBLE_BACKWARD_CASES: list[dict[str, Any]] = [
     {"affine": True, "relu": True},
     {"affine": True, "weights": "per-sample"},
     {"affine": True, "weights": "mask", "layout": "channels_last"},
+    {"affine": True, "weights": "per-sample", "ghosts": 2},
+    {"affine": True, "weights": "mask", "ghosts": 3, "strided": True, "relu": True},
 ]
 
 

@@ -284,6 +284,35 @@ def test_weighted_one_call_equals_the_general_path(
 
 
 @pytest.mark.usefixtures("cpp_policy")
+@pytest.mark.parametrize(
+    ("layout", "weight_shape"),
+    [("contiguous", (8,)), ("strided", (8,)), ("contiguous", (8, 1, 3, 5)), ("strided", (8, 3, 5))],
+    ids=["per-sample", "per-sample-strided", "per-position", "mask-strided"],
+)
+def test_weights_with_ghosts_one_call_equals_the_general_path(
+    layout: str, weight_shape: tuple[int, ...], general_calls: dict[str, int]
+) -> None:
+    one, general = _twins({"virtual_batch_size": 4, "ghost_layout": layout}, torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        x = torch.randn(8, 4, 3, 5, generator=gen) * 3 + 1
+        w = (torch.rand(weight_shape, generator=gen) > 0.3).float() + 0.25
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = one(xa, weights=w)
+        yb = general(xb, weights=w, training=True)
+        assert torch.equal(ya, yb)
+        grad = torch.randn(x.shape, generator=gen)
+        ya.backward(grad)
+        yb.backward(grad)
+        assert torch.equal(xa.grad, xb.grad)  # type: ignore[arg-type]
+    assert general_calls["batch_norm"] == 2  # the twin's calls only
+    for (name, a), (_, b) in zip(
+        one.state_dict().items(), general.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.usefixtures("cpp_policy")
 def test_one_call_path_takes_no_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = bnkit.BatchNorm2d(3)
     layer(torch.randn(4, 3, 2, 2))  # builds nothing new: the kernels are loaded already
@@ -384,7 +413,7 @@ def test_training_without_gradients_still_warns(general_calls: dict[str, int]) -
         (
             lambda: bnkit.BatchNorm2d(3, virtual_batch_size=2),
             torch.randn(4, 3, 2, 2),
-            {"weights": torch.ones(4)},
+            {"weights": torch.rand(4, 3, 2, 2)},  # weights that differ between channels
         ),
         (lambda: bnkit.BatchNorm2d(3), torch.randn(4, 3, 2, 2), {"training": True}),
         (lambda: bnkit.BatchNorm2d(3), torch.randn(4, 3, 2, 2).half(), {}),
@@ -405,7 +434,7 @@ def test_training_without_gradients_still_warns(general_calls: dict[str, int]) -
     ],
     ids=[
         "weights-with-grad",
-        "weights-and-ghosts",
+        "per-channel-weights",
         "training",
         "half",
         "renorm-zero_debias",

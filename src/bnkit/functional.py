@@ -1105,7 +1105,7 @@ def batch_norm(
         if not allow_single_value:
             _check_values_per_channel(x, a, virtual_batch_size)
         cpp_weights = None
-        if impl == "cpp" and weights is not None and virtual_batch_size is None:
+        if impl == "cpp" and weights is not None:
             cpp_weights = _cpp_sample_weights(weights, x, a)
         cpp_ok = weights is None or cpp_weights is not None
         if impl == "cpp" and kernels_ok and cpp_ok and adjustment is None:
@@ -1237,23 +1237,43 @@ def _cpp_training_step(
     y = y.movedim(1, axis) if axis != 1 else y
     if in_kernel and not want_stats:
         return y, None
-    # n values per channel per ghost; Bessel's n/(n-1) is a Python number (n is the same for
-    # every ghost and channel), which keeps the per-call work on small inputs down.
-    n = float((xt.shape[0] // ghosts) * math.prod(xt.shape[2:]))
-    if sample_weights is not None:  # W, the total weight per channel
-        per_sample = sample_weights.numel() == xt.shape[0]
-        n = float(sample_weights.sum(dtype=torch.float64)) * (n / xt.shape[0] if per_sample else 1)
     mean, var = out.mean.detach(), out.var.detach()
-    var_unbiased = var * (n / max(n - 1.0, 1.0))
-    if ghosts > 1:
-        mean, var, var_unbiased = mean.mean(0), var.mean(0), var_unbiased.mean(0)
-    stats = BatchStats(mean, var, var_unbiased, torch.full_like(var, n))
+    if sample_weights is not None and ghosts > 1:
+        # W per ghost batch: each ghost's own Bessel factor, as the reference computes it.
+        total = _ghost_totals(sample_weights, xt, ghosts, ghost_layout == "strided").to(var.dtype)
+        count = total.unsqueeze(1).expand_as(var)
+        var_unbiased = _unbiased(var, count)
+        stats = BatchStats(mean.mean(0), var.mean(0), var_unbiased.mean(0), count.mean(0))
+    else:
+        # n values per channel per ghost; Bessel's n/(n-1) is a Python number (n is the same
+        # for every ghost and channel), which keeps the per-call work on small inputs down.
+        n = float((xt.shape[0] // ghosts) * math.prod(xt.shape[2:]))
+        if sample_weights is not None:  # W, the total weight per channel
+            per_sample = sample_weights.numel() == xt.shape[0]
+            scale = n / xt.shape[0] if per_sample else 1
+            n = float(sample_weights.sum(dtype=torch.float64)) * scale
+        var_unbiased = var * (n / max(n - 1.0, 1.0))
+        if ghosts > 1:
+            mean, var, var_unbiased = mean.mean(0), var.mean(0), var_unbiased.mean(0)
+        stats = BatchStats(mean, var, var_unbiased, torch.full_like(var, n))
     if updates and not in_kernel and momentum is not None:
         assert running_mean is not None
         assert running_var is not None
         running.assign_moving_average_(running_mean, stats.mean, momentum)
         running.assign_moving_average_(running_var, stats.var_unbiased, momentum)
     return y, stats
+
+
+def _ghost_totals(sample_weights: Tensor, xt: Tensor, ghosts: int, strided: bool) -> Tensor:
+    """Each ghost batch's total weight per channel, (ghosts,) in float64, for the kernels'
+    sample weights (per sample or per position) on ``xt`` (channels on dim 1)."""
+    n = xt.shape[0]
+    per_sample = sample_weights.reshape(n, -1).sum(1, dtype=torch.float64)
+    if sample_weights.numel() == n:
+        per_sample = per_sample * math.prod(xt.shape[2:])
+    if strided:  # ghost g holds samples g, g + G, ...
+        return per_sample.reshape(n // ghosts, ghosts).sum(0)
+    return per_sample.reshape(ghosts, n // ghosts).sum(1)
 
 
 def _renorm_bounds(clipping: dict[str, float] | None) -> list[float | None]:

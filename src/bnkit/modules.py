@@ -672,9 +672,8 @@ class BatchNorm(nn.Module):
             return None
         sample_weight = None
         if weights is not None:
-            # Same for every channel and without a gradient, else the general path; the
-            # kernels take no weights with ghost batches.
-            sample_weight = bnf._cpp_sample_weights(weights, x, a) if ghosts == 1 else None
+            # Same for every channel and without a gradient, else the general path.
+            sample_weight = bnf._cpp_sample_weights(weights, x, a)
             if sample_weight is None:
                 return None
         if not torch.is_grad_enabled() and not (

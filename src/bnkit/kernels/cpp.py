@@ -485,9 +485,10 @@ def train(
     it writes is skipped whole (buffers and counter unchanged) and ``updated`` is False; the layer's
     ``nonfinite`` policy reports it.
 
-    ``sample_weight`` (no ghosts; no gradient): frequency weights, the same for every channel,
-    per sample (``N`` values) or per position (``N·H·W`` values in sample-then-position order):
-    ``μ = Σw·x/W``, ``σ² = Σw·(x − μ)²/W`` (``tf.nn.weighted_moments``), ``n = W`` above.
+    ``sample_weight`` (no gradient): frequency weights, the same for every channel, per sample
+    (``N`` values) or per position (``N·H·W`` values in sample-then-position order):
+    ``μ = Σw·x/W``, ``σ² = Σw·(x − μ)²/W`` (``tf.nn.weighted_moments``), ``n = W`` above, with
+    ``W`` the total weight of each ghost batch.
 
     Example:
         >>> import torch

@@ -239,11 +239,11 @@ struct Geometry {
   int64_t ghosts = 1;    // ghost (virtual) batches, each normalized by its own statistics
   bool strided = false;  // ghost g holds samples g, g + G, ... (Keras) instead of a block
   // Sample weights (the same for every channel): per sample (n values) or per position
-  // (n·inner values, a mask), in the accumulation type; `total` is their sum over the
-  // values of one channel, the count that weighted statistics divide by.
+  // (n·inner values, a mask), in the accumulation type; `totals` holds, per ghost batch,
+  // their sum over the values of one channel, the count that weighted statistics divide by.
   at::Tensor w;
   bool per_sample = true;
-  double total = 0;
+  std::vector<double> totals;
 
   bool weighted() const { return w.defined(); }
   // The weight of value `i` of the run of sample s that starts at position `pos`.
@@ -251,8 +251,10 @@ struct Geometry {
   const A* weights_at(int64_t s, int64_t pos) const {
     return w.const_data_ptr<A>() + (per_sample ? s : s * inner + pos);
   }
-  // Values (or total weight) per (ghost, channel): what the statistics divide by.
-  double denominator() const { return weighted() ? total : static_cast<double>(count()); }
+  // Values (or total weight) per channel of ghost gh: what its statistics divide by.
+  double denominator(int64_t gh) const {
+    return weighted() ? totals[gh] : static_cast<double>(count());
+  }
 
   int64_t per_ghost() const { return n / ghosts; }
   int64_t sample(int64_t g, int64_t k) const {
@@ -298,7 +300,6 @@ static Geometry geometry_of(const at::Tensor& input, int64_t ghosts = 1, bool st
 // samples and then the positions of one channel) to the geometry, in the accumulation type.
 static void attach_weights(Geometry& g, const std::optional<at::Tensor>& weights) {
   if (!weights.has_value() || !weights->defined()) return;
-  TORCH_CHECK(g.ghosts == 1, "bnkit: sample weights with ghost batches are not supported here");
   const int64_t numel = weights->numel();
   TORCH_CHECK(numel == g.n || numel == g.n * g.inner, "bnkit: sample_weight must have ", g.n,
               " (per sample) or ", g.n * g.inner, " (per position) values, got shape ",
@@ -306,16 +307,26 @@ static void attach_weights(Geometry& g, const std::optional<at::Tensor>& weights
   const auto acc = g.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   g.w = weights->to(acc).contiguous().view({-1});
   g.per_sample = numel == g.n;
-  double sum = 0;
+  // Each ghost batch's total weight per channel: its samples' weights (times the positions
+  // per sample when one weight covers a whole sample).
+  g.totals.assign(g.ghosts, 0.0);
   AT_DISPATCH_FLOATING_TYPES(g.w.scalar_type(), "bnkit_weight_total", [&] {
     const scalar_t* p = g.w.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < numel; ++i) sum += static_cast<double>(p[i]);
+    const int64_t per = g.per_sample ? 1 : g.inner;
+    const double scale = g.per_sample ? static_cast<double>(g.inner) : 1.0;
+    for (int64_t smp = 0; smp < g.n; ++smp) {
+      double sum = 0;
+      for (int64_t j = 0; j < per; ++j) sum += static_cast<double>(p[smp * per + j]);
+      g.totals[g.ghost_of(smp)] += sum * scale;
+    }
   });
-  g.total = g.per_sample ? sum * static_cast<double>(g.inner) : sum;
-  TORCH_CHECK_VALUE(g.total > 0,
-                    "the sample weights sum to zero (or less) over the reduced dimensions, so "
-                    "the weighted mean is undefined. Fix: 1) check the mask is not all zeros "
-                    "for this batch, 2) skip the batch, or 3) use weights > 0.");
+  for (const double total : g.totals) {
+    TORCH_CHECK_VALUE(total > 0,
+                      "the sample weights sum to zero (or less) over the reduced dimensions",
+                      g.ghosts > 1 ? " of a ghost batch" : "",
+                      ", so the weighted mean is undefined. Fix: 1) check the mask is not all "
+                      "zeros for this batch, 2) skip the batch, or 3) use weights > 0.");
+  }
 }
 
 static void check_input(const at::Tensor& input) {
@@ -980,10 +991,14 @@ static void statistics(const Geometry& g, const T* x, double* mean, double* var)
                     }
                   });
   }
-  const double count = g.denominator();
+  for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+    const double count = g.denominator(gh);
+    const int64_t o = gh * cc;
 #pragma omp simd
-  for (int64_t i = 0; i < width; ++i) {
-    finish_stats(static_cast<double>(k[i]), s1[i], s2[i], count, mean[i], var[i]);
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      finish_stats(static_cast<double>(k[o + ch]), s1[o + ch], s2[o + ch], count, mean[o + ch],
+                   var[o + ch]);
+    }
   }
 }
 
@@ -1059,7 +1074,6 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
   using A = typename Acc<T>::type;
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, gs = g.ghosts;
-  const double count = g.denominator();  // values, or total weight, per (ghost, channel)
   if (const int64_t k = tile_channels(g, 1); k > 0) {
     for_each_tile(g, k, [&](int64_t c0, int64_t c1) {
       const int64_t w = (c1 - c0) * gs;  // (channel, ghost) pairs of the tile
@@ -1096,7 +1110,8 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
       for (int64_t ch = c0; ch < c1; ++ch) {
         for (int64_t gh = 0; gh < gs; ++gh) {
           const int64_t i = (ch - c0) * gs + gh;
-          finish_stats(static_cast<double>(shift[i]), s1[i], s2[i], count, mean[gh * cc + ch],
+          finish_stats(static_cast<double>(shift[i]), s1[i], s2[i], g.denominator(gh),
+                       mean[gh * cc + ch],
                        var[gh * cc + ch]);
         }
         const int64_t i0 = (ch - c0) * gs;
@@ -1317,20 +1332,28 @@ static void store_values(const at::Tensor& buffer, const std::vector<double>& va
 static bool update_running(const Geometry& g, const std::vector<double>& mean,
                            const std::vector<double>& var, const RunningRule& rule, double eps,
                            bool guard) {
-  const double n = g.denominator();
-  const double bessel = rule.biased ? 1.0 : n / std::max(n - 1.0, 1.0);
+  // Bessel's factor n/max(n − 1, 1) of a ghost batch with n values (or total weight).
+  auto bessel = [&](int64_t gh) {
+    const double n = g.denominator(gh);
+    return rule.biased ? 1.0 : n / std::max(n - 1.0, 1.0);
+  };
+  // Weighted ghost batches have different totals, hence their own factors.
+  const bool per_ghost = g.weighted() && g.ghosts > 1;
   const double gs = static_cast<double>(g.ghosts);
   std::vector<double> mu(g.c, 0.0), vb(g.c, 0.0);  // ghost-averaged mean and biased variance
+  std::vector<double> vin(g.c, 0.0);  // the variance the running estimate absorbs
   for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+    const double factor = per_ghost ? bessel(gh) : 1.0;
     for (int64_t ch = 0; ch < g.c; ++ch) {
       mu[ch] += mean[gh * g.c + ch];
       vb[ch] += var[gh * g.c + ch];
+      if (per_ghost) vin[ch] += var[gh * g.c + ch] * factor;
     }
   }
-  std::vector<double> vin(g.c);  // the variance the running estimate absorbs
+  const double common = bessel(0) / gs;
   for (int64_t ch = 0; ch < g.c; ++ch) {
     mu[ch] /= gs;
-    vin[ch] = vb[ch] * (bessel / gs);
+    vin[ch] = per_ghost ? vin[ch] / gs : vb[ch] * common;
     vb[ch] /= gs;
   }
   const bool renorm = rule.std.defined();
@@ -1511,7 +1534,6 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
   using A = typename Acc<T>::type;
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, gs = g.ghosts;
-  const double count = g.denominator();
   if (const int64_t k = tile_channels(g, 2); k > 0) {
     for_each_tile(g, k, [&](int64_t c0, int64_t c1) {
       const int64_t w = (c1 - c0) * gs;
@@ -1543,7 +1565,8 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
           const int64_t i = (ch - c0) * gs + gh, j = gh * cc + ch;
           s1[j] = u1[i];
           s2[j] = u2[i];
-          grad_coefficients<A>(t, j, ch, count, u1[i], u2[i], m[i], a[i], b[i], e[i]);
+          grad_coefficients<A>(t, j, ch, g.denominator(gh), u1[i], u2[i], m[i], a[i], b[i],
+                               e[i]);
         }
       }
       if (short_runs(g)) {
@@ -1598,6 +1621,7 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
   const auto m = scratch<A>(width), a = scratch<A>(width), b = scratch<A>(width),
              e = scratch<A>(width);
   for_each_ghost_row(g, [&](int64_t o) {
+    const double count = g.denominator(o / cc);
 #pragma omp simd
     for (int64_t ch = 0; ch < cc; ++ch) {
       const int64_t i = o + ch;
@@ -1619,22 +1643,22 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
     const int64_t plane = cc * g.inner;
     for_all(
         g,
-        [&](int64_t off, int64_t len, int64_t, int64_t ch) {
-          const int64_t smp = off / plane, pos = off % g.inner;
+        [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+          const int64_t smp = off / plane, pos = off % g.inner, i = gh * cc + ch;
           const A* wp = g.weights_at<A>(smp, pos);
           if (g.per_sample) {
-            grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m[ch], a[ch],
-                                 *wp * b[ch], *wp * e[ch]);
+            grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m[i], a[i],
+                                 *wp * b[i], *wp * e[i]);
           } else {
-            masked_grad_run<T, A, Relu>(x + off, dy + off, y + off, wp, gx + off, len, m[ch],
-                                        a[ch], b[ch], e[ch]);
+            masked_grad_run<T, A, Relu>(x + off, dy + off, y + off, wp, gx + off, len, m[i],
+                                        a[i], b[i], e[i]);
           }
         },
-        [&](int64_t row, int64_t) {
-          const int64_t o = row * cc;
+        [&](int64_t row, int64_t gh) {
+          const int64_t o = row * cc, i = gh * cc;
           const A wr = *g.weights_at<A>(row / g.inner, row % g.inner);
-          weighted_grad_row<T, A, Relu>(x + o, dy + o, y + o, gx + o, cc, m.get(), a.get(),
-                                        b.get(), e.get(), wr);
+          weighted_grad_row<T, A, Relu>(x + o, dy + o, y + o, gx + o, cc, m.get() + i,
+                                        a.get() + i, b.get() + i, e.get() + i, wr);
         });
     return;
   }

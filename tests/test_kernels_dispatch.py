@@ -332,6 +332,41 @@ def test_sample_weights_with_ghosts_match_the_reference(
 
 
 @pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("vbs", [None, 2], ids=["no-ghosts", "ghosts"])
+@pytest.mark.parametrize("kind", ["mask", "per-sample"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_masked_out_padding_far_from_the_data_keeps_float32_statistics(
+    kind: str, layout: str, vbs: int | None, calls: dict[str, int]
+) -> None:
+    """The statistics shift by a value with positive weight: padding (0 here) thousands of
+    standard deviations from the data must not cancel the float32 sums."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 4, 16, 16, generator=gen) * 0.1 + 1000.0
+    if kind == "mask":
+        w = torch.ones(8, 16, 16)
+        w[:, 0, 0] = 0.0  # the first position of every sample is padding
+        x[:, :, 0, 0] = 0.0
+    else:
+        w = torch.ones(8)
+        w[:4] = 0.0  # the first sample of every strided ghost (g and g + 4) is padding
+        x[:4] = 0.0
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    options: dict[str, Any] = {
+        "training": True,
+        "weights": w,
+        "virtual_batch_size": vbs,
+        "ghost_layout": "strided",
+        "return_stats": True,
+    }
+    _, got = bnf.batch_norm(x, impl="cpp", **options)
+    _, want = bnf.batch_norm(x.double(), impl="reference", **{**options, "weights": w.double()})
+    assert calls["train"] == 1
+    torch.testing.assert_close(got.var.double(), want.var, rtol=1e-3, atol=0)
+    torch.testing.assert_close(got.mean.double(), want.mean, rtol=1e-6, atol=0)
+
+
+@pytest.mark.usefixtures("built")
 def test_impl_cpp_in_functional(calls: dict[str, int]) -> None:
     x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
     rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)

@@ -41,7 +41,8 @@
 // channels than threads, sample weights, or the rows layout): a statistics pass, then the
 // normalize pass. The backward is organised the same way (its sums need dy and x).
 //
-// Statistics: every value is shifted by K, the first value of its (ghost, channel), so
+// Statistics: every value is shifted by K, the first value of its (ghost, channel) (the first with
+// positive weight when weighted: masked-out padding may lie far from the data), so
 // large-mean data does not cancel; runs of at most kChunk values are summed in the accumulation
 // type (float for float32/bfloat16/float16 input, double for float64) and the run sums are added
 // in double. Then mean = K + S1/n and var = S2/n - (S1/n)^2 in double (clamped at 0).
@@ -244,6 +245,10 @@ struct Geometry {
   at::Tensor w;
   bool per_sample = true;
   std::vector<double> totals;
+  // Per ghost, the index (sample·inner + position) of its first value with positive weight:
+  // the statistics' shift K. A masked-out value (padding, often 0) can lie thousands of
+  // standard deviations from the data, and shifting by it would cancel the float32 sums.
+  std::vector<int64_t> anchors;
 
   bool weighted() const { return w.defined(); }
   // The weight of value `i` of the run of sample s that starts at position `pos`.
@@ -262,9 +267,11 @@ struct Geometry {
   }
   int64_t ghost_of(int64_t s) const { return strided ? s % ghosts : s / per_ghost(); }
   int64_t count() const { return per_ghost() * inner; }  // values per (ghost, channel)
-  int64_t first(int64_t g, int64_t ch) const {  // offset of (ghost, channel)'s first value
-    const int64_t s = sample(g, 0);
-    return rows ? s * inner * c + ch : (s * c + ch) * inner;
+  // Offset of (ghost, channel)'s first value (with positive weight, when weighted).
+  int64_t first(int64_t g, int64_t ch) const {
+    const int64_t at = anchors.empty() ? sample(g, 0) * inner : anchors[g];
+    const int64_t s = at / inner, pos = at % inner;
+    return rows ? at * c + ch : (s * c + ch) * inner + pos;
   }
 };
 
@@ -310,14 +317,23 @@ static void attach_weights(Geometry& g, const std::optional<at::Tensor>& weights
   // Each ghost batch's total weight per channel: its samples' weights (times the positions
   // per sample when one weight covers a whole sample).
   g.totals.assign(g.ghosts, 0.0);
+  g.anchors.assign(g.ghosts, -1);
   AT_DISPATCH_FLOATING_TYPES(g.w.scalar_type(), "bnkit_weight_total", [&] {
     const scalar_t* p = g.w.const_data_ptr<scalar_t>();
     const int64_t per = g.per_sample ? 1 : g.inner;
     const double scale = g.per_sample ? static_cast<double>(g.inner) : 1.0;
-    for (int64_t smp = 0; smp < g.n; ++smp) {
-      double sum = 0;
-      for (int64_t j = 0; j < per; ++j) sum += static_cast<double>(p[smp * per + j]);
-      g.totals[g.ghost_of(smp)] += sum * scale;
+    for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+      for (int64_t k = 0; k < g.per_ghost(); ++k) {  // the ghost's samples in order
+        const int64_t smp = g.sample(gh, k);
+        double sum = 0;
+        for (int64_t j = 0; j < per; ++j) {
+          const double wj = static_cast<double>(p[smp * per + j]);
+          sum += wj;
+          if (g.anchors[gh] < 0 && wj > 0) g.anchors[gh] = smp * g.inner + (g.per_sample ? 0 : j);
+        }
+        g.totals[gh] += sum * scale;
+      }
+      if (g.anchors[gh] < 0) g.anchors[gh] = g.sample(gh, 0) * g.inner;  // no positive weight
     }
   });
   for (const double total : g.totals) {

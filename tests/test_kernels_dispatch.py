@@ -176,7 +176,10 @@ def test_configurations_the_kernels_do_not_serve_fall_through(calls: dict[str, i
     per_channel = torch.rand(8, 4, 3, 3)  # full-rank weights that differ between channels
     with bnkit.policy(kernels="cpp"):
         outputs = [
-            bnf.batch_norm(x, training=True, adjustment=lambda shape: (torch.ones(4), 0.0)),
+            # an adjustment that is not one value per channel
+            bnf.batch_norm(
+                x, training=True, adjustment=lambda shape: (torch.ones(8, 4, 1, 1), 0.0)
+            ),
             bnf.batch_norm(x, training=True, weights=needs_grad),
             bnf.batch_norm(x, training=True, weights=per_channel),
             bnf.batch_norm(x, training=True, weights=per_channel, virtual_batch_size=4),
@@ -251,6 +254,99 @@ def test_zero_total_weight_is_a_value_error() -> None:
     cpp.train(torch.randn(4, 3, 2, 2), ghosts=2, strided=True, sample_weight=one_empty_ghost)
     with pytest.raises(RuntimeError, match=r"sample_weight must have 4 \(per sample\) or 16"):
         cpp.train(torch.randn(4, 3, 2, 2), sample_weight=torch.ones(5))
+
+
+ADJUSTMENT_CASES: list[tuple[tuple[int, ...], dict[str, Any]]] = [
+    ((8, 3, 4, 5), {}),
+    ((8, 3, 4, 5), {"virtual_batch_size": 4, "activation": "relu"}),
+    ((8, 3, 4, 5), {"weights": "per-sample", "ghost_layout": "strided", "virtual_batch_size": 2}),
+    ((12, 5), {"renorm": True}),
+]
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("kind", ["tensors", "numbers", "mixed"])
+@pytest.mark.parametrize(
+    ("shape", "case"), ADJUSTMENT_CASES, ids=[f"{c[0]}-{sorted(c[1])}" for c in ADJUSTMENT_CASES]
+)
+def test_per_channel_adjustment_runs_on_the_kernels(
+    shape: tuple[int, ...], case: dict[str, Any], kind: str, affine: bool, calls: dict[str, int]
+) -> None:
+    """``((x̂·r + d)·a + b)·γ + β`` with per-channel (a, b) folded into the kernels' affine:
+    the reference's values and gradients (to x, γ, β, a and b), one adjustment call per step."""
+    f64 = torch.float64
+    gen = torch.Generator().manual_seed(13)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen, dtype=f64) * 2 + 1
+    gamma = torch.rand(c, generator=gen, dtype=f64) + 0.5
+    beta = torch.randn(c, generator=gen, dtype=f64)
+    scale = torch.rand(c, generator=gen, dtype=f64) + 0.5
+    shift = torch.randn(c, generator=gen, dtype=f64)
+    dy = torch.randn(shape, generator=gen, dtype=f64)
+    options: dict[str, Any] = {k: v for k, v in case.items() if k not in ("weights", "renorm")}
+    if case.get("weights"):
+        options["weights"] = torch.rand(shape[0], generator=gen, dtype=f64) + 0.3
+    if case.get("renorm"):
+        options["renorm_mean"] = torch.randn(c, generator=gen, dtype=f64) * 0.1
+        options["renorm_stddev"] = torch.rand(c, generator=gen, dtype=f64) + 0.8
+        options["renorm_clipping"] = {"rmax": 1.1}
+    results, drawn = [], []
+    for impl in ("reference", "cpp"):
+        leaves = [t.clone().requires_grad_() for t in (x, gamma, beta, scale, shift)]
+        a, b = leaves[3], leaves[4]
+        values = {"tensors": (a, b), "numbers": (1.3, -0.2), "mixed": (a, 0.4)}[kind]
+
+        def adjustment(s: torch.Size, values: Any = values) -> Any:
+            drawn.append(s)
+            return values
+
+        params = (leaves[1], leaves[2]) if affine else (None, None)
+        y = bnf.batch_norm(
+            leaves[0], None, None, *params, training=True, eps=1e-3, adjustment=adjustment,
+            impl=impl, **options,
+        )  # fmt: skip
+        wanted = [leaves[0], *(leaves[1:3] if affine else []), a, b]
+        grads = torch.autograd.grad(y, wanted, dy, allow_unused=True)
+        results.append((y, *grads))
+    assert calls["train"] == 1  # impl="cpp" ran the kernels
+    assert drawn == [x.shape, x.shape]  # once per step on either path
+    for got, want in zip(results[1], results[0], strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.usefixtures("built")
+def test_other_adjustments_take_the_general_path_with_one_draw(calls: dict[str, int]) -> None:
+    x = torch.randn(8, 3, 4, 5, dtype=torch.float64)
+    drawn = []
+    values = (torch.rand(8, 3, 1, 1, dtype=torch.float64) + 0.5, 0.1)  # per sample and channel
+
+    def adjustment(shape: torch.Size) -> Any:
+        drawn.append(shape)
+        return values
+
+    y = bnf.batch_norm(x, training=True, adjustment=adjustment, impl="cpp")
+    want = bnf.batch_norm(x, training=True, adjustment=adjustment, impl="reference")
+    assert calls["train"] == 0
+    assert len(drawn) == 2  # one draw per call
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.usefixtures("built")
+def test_module_with_adjustment_on_the_kernels_matches_the_default(calls: dict[str, int]) -> None:
+    torch.manual_seed(3)
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+    layers = [bnkit.BatchNorm2d(4, adjustment=lambda s: (scale, shift)) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(8, 4, 3, 3) * 2 + 1
+    with bnkit.policy(kernels="cpp"):
+        y = layers[0](x)
+    assert calls["train"] == 1
+    torch.testing.assert_close(y, layers[1](x))
+    torch.testing.assert_close(layers[0].running_var, layers[1].running_var)
 
 
 WEIGHTED_GHOST_CASES: list[tuple[tuple[int, ...], str, int, bool, str]] = [

@@ -25,9 +25,9 @@ Dispatch in training (details in ``docs/architecture.md``):
 
 With ``impl="cpp"`` (or the policy ``kernels="cpp"``, which turns ``"auto"`` into ``"cpp"``),
 CPU inputs go to bnkit's C++ kernels (``bnkit.kernels.cpp``) wherever they serve the call:
-training without adjustment or synchronization (plain, renorm, ghost batches, sample weights
-that are the same for every channel and need no gradient, ReLU fused), and inference when no
-gradient is needed. Everything else takes the paths above.
+training without synchronization (plain, renorm, ghost batches, sample weights that are the
+same for every channel and need no gradient, a per-channel adjustment folded into γ and β, ReLU
+fused), and inference. Everything else takes the paths above.
 """
 
 from __future__ import annotations
@@ -1108,12 +1108,23 @@ def batch_norm(
         if impl == "cpp" and weights is not None:
             cpp_weights = _cpp_sample_weights(weights, x, a)
         cpp_ok = weights is None or cpp_weights is not None
+        cpp_weight, cpp_bias = weight, bias
+        if impl == "cpp" and kernels_ok and cpp_ok and adjustment is not None:
+            # Drawn once per step, whichever path runs (adjustments are often random).
+            adjusted = adjustment(x.shape)
+            folded = _fold_adjustment(adjusted, weight, bias, x.shape[a])
+            if folded is None:  # not per channel: the general path, with these values
+                cpp_ok = False
+                adjustment = _constant_adjustment(adjusted)
+            else:
+                cpp_weight, cpp_bias = folded
+                adjustment = None
         if impl == "cpp" and kernels_ok and cpp_ok and adjustment is None:
             y, stats = _cpp_training_step(
                 x,
                 a,
-                weight=weight,
-                bias=bias,
+                weight=cpp_weight,
+                bias=cpp_bias,
                 running_mean=running_mean,
                 running_var=running_var,
                 momentum=momentum,
@@ -1274,6 +1285,47 @@ def _ghost_totals(sample_weights: Tensor, xt: Tensor, ghosts: int, strided: bool
     if strided:  # ghost g holds samples g, g + G, ...
         return per_sample.reshape(n // ghosts, ghosts).sum(0)
     return per_sample.reshape(ghosts, n // ghosts).sum(1)
+
+
+def _fold_adjustment(
+    adjusted: tuple[Tensor | float, Tensor | float],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    channels: int,
+) -> tuple[Tensor, Tensor] | None:
+    """A per-channel adjustment folded into the affine the kernels apply, or None.
+
+    ``((x̂·r + d)·a + b)·γ + β = (x̂·r + d)·(a·γ) + (b·γ + β)``: the kernels' γ' = a·γ and
+    β' = b·γ + β, as tensor operations, so gradients still reach γ, β, a and b. None when a
+    or b is not one value per channel (or one value for all).
+    """
+    scale, shift = adjusted
+    if not (_is_per_channel(scale, channels) and _is_per_channel(shift, channels)):
+        return None
+    like = weight if weight is not None else bias
+    device = like.device if like is not None else None
+
+    def per_channel(v: Tensor | float) -> Tensor:
+        t = torch.as_tensor(v, device=device)
+        if like is not None and t.dtype != like.dtype:
+            t = t.to(like.dtype)
+        return torch.broadcast_to(t.reshape(-1) if t.ndim else t, (channels,))
+
+    new_weight, new_bias = per_channel(scale), per_channel(shift)
+    if weight is not None:
+        new_weight, new_bias = new_weight * weight, new_bias * weight
+    if bias is not None:
+        new_bias = new_bias + bias
+    return new_weight.contiguous(), new_bias.contiguous()
+
+
+def _constant_adjustment(adjusted: tuple[Tensor | float, Tensor | float]) -> Adjustment:
+    """An adjustment that returns values already drawn for this step."""
+
+    def adjustment(shape: torch.Size) -> tuple[Tensor | float, Tensor | float]:
+        return adjusted
+
+    return adjustment
 
 
 def _renorm_bounds(clipping: dict[str, float] | None) -> list[float | None]:

@@ -433,10 +433,7 @@ def _renorm_correction(
     ``r = sqrt(var + eps) / max(renorm_stddev, sqrt(eps))``, ``d = (mean - renorm_mean) /
     max(renorm_stddev, sqrt(eps))``, then r clipped to [rmin, rmax] and d to [-dmax, dmax].
     """
-    clip = clipping or {}
-    rmin, rmax, dmax = (
-        None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")
-    )
+    rmin, rmax, dmax = _renorm_bounds(clipping)
     terms = _renorm_terms_op if torch.compiler.is_compiling() else _renorm_terms
     # All inputs detached: r and d carry no gradient, and the custom op has no autograd formula
     # (renorm statistics that require grad, e.g. passed by a user, would fail in its backward).

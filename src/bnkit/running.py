@@ -389,17 +389,11 @@ def kernel_momentum(
     Returns:
         The momentum for this step, or None when the rule needs :func:`update_running_stats_`.
     """
-    if torch.compiler.is_compiling():
-        # Not under torch.compile: PyTorch's kernel saves the buffers it updates for its
-        # backward, and the non-finite guard's tensor-only restore writes them again in the
-        # same graph ("modified by an inplace operation" in backward); the cumulative average
-        # would also read the counter on the host. update_running_stats_ does neither.
+    # PyTorch's kernel knows one of the rules the C++ kernel knows: the unbiased feed, no renorm.
+    if running_var != "unbiased" or state.stddev is not None or state.renorm_mean is not None:
         return None
-    if running_var != "unbiased" or rule.warmup or rule.zero_debias:
-        return None
-    if state.stddev is not None or state.renorm_mean is not None:
-        return None
-    return _fixed_momentum(state, rule)
+    kernel = kernel_rule(state, rule, running_var)
+    return None if kernel is None else kernel.momentum
 
 
 class KernelRule(NamedTuple):
@@ -443,7 +437,13 @@ def kernel_rule(
     >>> kernel_rule(state, MovingAverageRule(0.1), "biased")
     KernelRule(momentum=0.1, biased=True, renorm_momentum=None)
     """
-    if torch.compiler.is_compiling() or rule.warmup or rule.zero_debias:
+    if torch.compiler.is_compiling():
+        # Not under torch.compile: a kernel saves the buffers it updates for its backward, and
+        # the non-finite guard's tensor-only restore writes them again in the same graph
+        # ("modified by an inplace operation" in backward); the cumulative average would also
+        # read the counter on the host. update_running_stats_ does neither.
+        return None
+    if rule.warmup or rule.zero_debias:
         return None
     renorm = state.renorm_mean is not None or state.stddev is not None
     if renorm and (
@@ -453,20 +453,12 @@ def kernel_rule(
         or renorm_momentum is None
     ):
         return None
-    momentum = _fixed_momentum(state, rule)
-    if momentum is None:
-        return None
+    momentum = rule.momentum
+    if momentum is None:  # cumulative average, as PyTorch computes it (a host read)
+        if state.num_batches_tracked is None:
+            return None
+        momentum = 1.0 / float(state.num_batches_tracked + 1)
     return KernelRule(momentum, running_var == "biased", renorm_momentum if renorm else None)
-
-
-def _fixed_momentum(state: RunningState, rule: MovingAverageRule) -> float | None:
-    """This step's momentum as a number (a host read of the counter for a cumulative average)."""
-    if rule.momentum is not None:
-        return rule.momentum
-    if state.num_batches_tracked is None:
-        return None
-    # Cumulative average, as PyTorch computes it.
-    return 1.0 / float(state.num_batches_tracked + 1)
 
 
 def count_update_(state: RunningState) -> None:

@@ -666,6 +666,10 @@ def test_kernels_command_reports_a_built_extension(capsys: pytest.CaptureFixture
     assert report["available"] is True
     assert report["build_error"] is None
     assert report["pool_limit_bytes"] >= 0
+    assert report["stream_threshold_bytes"] == cpp.set_stream_threshold(
+        report["stream_threshold_bytes"]
+    )
+    assert "streaming stores: outputs of" in out
     assert "-fno-math-errno" in report["flags"]
 
 
@@ -684,6 +688,7 @@ def test_kernels_command_fails_clearly_without_a_compiler(
     report = json.loads(capsys.readouterr().out)
     assert report["available"] is False
     assert report["pool_limit_bytes"] is None
+    assert report["stream_threshold_bytes"] is None
 
 
 def test_build_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

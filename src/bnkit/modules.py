@@ -22,7 +22,13 @@ from bnkit import distributed, running
 from bnkit import functional as bnf
 from bnkit.functional import Activation, Adjustment, GhostLayout
 from bnkit.kernels import cpp
-from bnkit.policies import BatchNormWarning, check_policies, get_policy, is_calibrating
+from bnkit.policies import (
+    BatchNormWarning,
+    check_policies,
+    get_policy,
+    get_policy_eager,
+    is_calibrating,
+)
 from bnkit.running import MovingAverageRule, RunningState, RunningVar, ZeroDebias
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -37,6 +43,8 @@ class _Default(float):
 _MOMENTUM_DEFAULT = _Default(0.1)
 _HALF = (torch.float16, torch.bfloat16)
 _FULL = (torch.float32, torch.float64)
+# Bound once: the one-call path asks on every step (Dynamo knows the function, not the name).
+_is_compiling = torch.compiler.is_compiling
 
 # Buffers that exist only when needed: while frozen, and once an update was skipped.
 LAZY_BUFFERS = ("frozen", "num_skipped_updates")
@@ -623,52 +631,67 @@ class BatchNorm(nn.Module):
         ``no_grad_training`` policy reports, an option beyond these) returns None, and
         :meth:`forward` handles it, with its checks and messages.
         """
+        # Every check here runs on each step, usually with the interpreter's caches cold from the
+        # large kernels around it, where each distinct operation costs a microsecond or more:
+        # the checks are ordered cheapest first and read each attribute once.
         # cpp.ready() first: one dict read, False for every user who never turned the kernels on.
-        if not cpp.ready() or get_policy("kernels", self.policy) != "cpp":
+        if not cpp.ready() or _is_compiling():
             return None
-        if x.dtype not in _FULL or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
+        layer = self.policy
+        if get_policy_eager("kernels", layer) != "cpp":
             return None
-        if torch.compiler.is_compiling() or self.activation not in (None, "relu"):
+        dtype = x.dtype
+        activation = self.activation
+        if dtype not in _FULL or not x.is_cpu or (activation is not None and activation != "relu"):
             return None
+        ndim = x.dim()
+        if ndim < 2:
+            return None
+        # In forward()'s order, so a bad input gets the same message: rank, dtype, then axis.
+        self._check_input_dim(x)  # a subclass's rank check (BatchNorm2d wants 4-D input)
         p, b = self._parameters, self._buffers
         weight, bias = p["weight"], p["bias"]
         running_mean, running_var = b["running_mean"], b["running_var"]
         own = weight if weight is not None else running_mean
-        # In forward()'s order, so a bad input gets the same message: rank, dtype, then axis.
-        self._check_input_dim(x)  # a subclass's rank check (BatchNorm2d wants 4-D input)
-        if own is not None and own.dtype != x.dtype:
+        if own is not None and own.dtype != dtype:
             return None
-        a = bnf.canonical_axis(self.axis, x.dim())
-        if x.shape[a] != self.num_features:
+        a = self.axis + ndim if self.axis < 0 else self.axis
+        if not 0 < a < ndim or x.shape[a] != self.num_features:
+            return None  # forward() names the bad axis or channel count
+        numel = x.numel()
+        # track_running_stats: the flag, not the buffers (it may be switched off with them kept)
+        if not self.track_running_stats or running_mean is None or running_var is None:
             return None
-        if not self.track_running_stats:
-            return None  # the flag, not the buffers: it may be switched off with them kept
+        if numel == 0:
+            return None
         xt = x.movedim(a, 1) if a != 1 else x
-        relu = self.activation == "relu"
+        relu = activation == "relu"
         if not self.training or b.get("frozen") is not None:
-            if running_mean is None or running_var is None:
-                return None
             # Sample weights weight batch statistics only: inference ignores them, as forward().
             y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, self.eps, relu=relu)
             return y.movedim(1, a) if a != 1 else y
-        ghosts = self._ghosts_in(x)
-        counter = b["num_batches_tracked"]
+        ghosts = 1 if self.virtual_batch_size is None else self._ghosts_in(x)
         if (
             ghosts is None
-            or running_mean is None
-            or running_var is None
-            or not all(
-                t is None or (t.is_contiguous() and t.dtype == x.dtype)
-                for t in (running_mean, running_var, *(b.get(k) for k in _RENORM_BUFFERS))
-            )
-            or (counter is not None and (counter.dtype != torch.long or counter.numel() != 1))
+            or numel <= ghosts * x.shape[a]  # one value per channel: single_value policy
             or self.sync
             or self.adjustment is not None
-            # renorm switched off after construction, its buffers kept: the general path
-            or (not self.renorm and b.get("renorm_mean") is not None)
-            or x.numel() <= ghosts * x.shape[a]  # one value per channel: single_value policy
-            or not self._updates_running_stats(x, weights)
         ):
+            return None
+        stddev, renorm_mean, renorm_stddev = (
+            b["running_stddev"],
+            b["renorm_mean"],
+            b["renorm_stddev"],
+        )
+        if renorm_mean is not None and not self.renorm:
+            return None  # renorm switched off after construction, its buffers kept
+        for t in (running_mean, running_var, stddev, renorm_mean, renorm_stddev):
+            if t is not None and (t.dtype != dtype or not t.is_contiguous()):
+                return None
+        counter = b["num_batches_tracked"]
+        if counter is not None and (counter.dtype != torch.long or counter.numel() != 1):
+            return None
+        if not self._updates_running_stats(x, weights):
             return None
         sample_weight = None
         if weights is not None:
@@ -677,18 +700,27 @@ class BatchNorm(nn.Module):
             if sample_weight is None:
                 return None
         if not torch.is_grad_enabled() and not (
-            is_calibrating() or get_policy("no_grad_training", self.policy) == "ignore"
+            is_calibrating() or get_policy_eager("no_grad_training", layer) == "ignore"
         ):
             return None  # forward() warns (or raises) about the forgotten model.eval()
-        state = self._running_state()
-        rule = running.kernel_rule(
+        # Zero-debias buffers stay out: running.py declines zero-debias rules for the kernel.
+        state = RunningState(
+            running_mean,
+            running_var,
+            counter,
+            stddev=stddev,
+            renorm_mean=renorm_mean,
+            renorm_stddev=renorm_stddev,
+        )
+        rule = running.eager_kernel_rule(
             state, self._rule, self._running_var_for(x, weights), self.renorm_momentum
         )
         if rule is None:
             return None
-        nonfinite = get_policy("nonfinite", self.policy)
+        nonfinite = get_policy_eager("nonfinite", layer)
         guard = nonfinite != "update"
-        rmin, rmax, dmax = bnf._renorm_bounds(self.renorm_clipping)
+        clipping = self.renorm_clipping
+        rmin, rmax, dmax = bnf._renorm_bounds(clipping) if clipping else (None, None, None)
         out = cpp.train(
             xt,
             weight,
@@ -696,8 +728,8 @@ class BatchNorm(nn.Module):
             self.eps,
             ghosts=ghosts,
             strided=self.ghost_layout == "strided",
-            renorm_mean=state.renorm_mean,
-            renorm_std=state.renorm_stddev,
+            renorm_mean=renorm_mean,
+            renorm_std=renorm_stddev,
             rmin=rmin,
             rmax=rmax,
             dmax=dmax,
@@ -708,7 +740,7 @@ class BatchNorm(nn.Module):
             sample_weight=sample_weight,
             num_batches_tracked=counter,
             guard=guard,
-            running_std=state.stddev,
+            running_std=stddev,
             renorm_momentum=rule.renorm_momentum or 0.0,
             biased=rule.biased,
         )

@@ -37,6 +37,7 @@ __all__ = [
     "assign_moving_average_",
     "count_update_",
     "decay_to_momentum",
+    "eager_kernel_rule",
     "is_finite",
     "kernel_momentum",
     "momentum_to_decay",
@@ -443,6 +444,22 @@ def kernel_rule(
         # ("modified by an inplace operation" in backward); the cumulative average would also
         # read the counter on the host. update_running_stats_ does neither.
         return None
+    return eager_kernel_rule(state, rule, running_var, renorm_momentum)
+
+
+def eager_kernel_rule(
+    state: RunningState,
+    rule: MovingAverageRule,
+    running_var: RunningVar,
+    renorm_momentum: float | None = None,
+) -> KernelRule | None:
+    """:func:`kernel_rule` for a caller that has already checked it is not compiling (the
+    module's one-call path, where each check costs time on every step).
+
+    >>> state = RunningState(torch.zeros(2), torch.ones(2), torch.zeros((), dtype=torch.long))
+    >>> eager_kernel_rule(state, MovingAverageRule(None), "unbiased")  # cumulative: 1/(t+1)
+    KernelRule(momentum=1.0, biased=False, renorm_momentum=None)
+    """
     if rule.warmup or rule.zero_debias:
         return None
     renorm = state.renorm_mean is not None or state.stddev is not None

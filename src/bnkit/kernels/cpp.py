@@ -306,11 +306,13 @@ class KernelStatus(NamedTuple):
     threads: int
     pool_limit_bytes: int | None  # None when the kernels are not available
     cached_bytes: int | None
+    stream_threshold_bytes: int | None  # outputs this large are written with streaming stores
 
 
 def status() -> KernelStatus:
     """Build the kernels if needed (one :class:`CppKernelWarning` if they cannot be built) and
-    report where they live, their flags, the threads they use and the output pool.
+    report where they live, their flags, the threads they use, the output pool and the size
+    from which outputs are written with streaming stores.
 
     Example:
         >>> from bnkit.kernels import cpp
@@ -319,10 +321,11 @@ def status() -> KernelStatus:
         True
     """
     ok = available()
-    limit = cached = None
+    limit = cached = stream = None
     if ok:
         limit = int(torch.ops.bnkit.pool_set_limit(-1))  # a negative limit only reads it
         cached = cached_bytes()
+        stream = int(torch.ops.bnkit.stream_set_threshold(-1))  # likewise
     return KernelStatus(
         available=ok,
         build_error=build_error(),
@@ -331,6 +334,7 @@ def status() -> KernelStatus:
         threads=torch.get_num_threads(),
         pool_limit_bytes=limit,
         cached_bytes=cached,
+        stream_threshold_bytes=stream,
     )
 
 
@@ -548,4 +552,25 @@ def set_pool_limit(nbytes: int) -> int:
     if not _state["loaded"]:
         load()
     old: int = torch.ops.bnkit.pool_set_limit(int(nbytes))
+    return old
+
+
+def set_stream_threshold(nbytes: int) -> int:
+    """Write outputs of at least ``nbytes`` with streaming (non-temporal) stores; returns the
+    previous threshold.
+
+    The default is 16 MiB: above it an output is out of cache by the time the next layer reads
+    it, and stores that bypass the cache save the read of every destination line (on a 48 MiB
+    activation, eval 6.0 → 5.0 ms together with the next layer's read of the output here).
+    Streaming never changes a value; ``set_stream_threshold(0)`` streams every output whose
+    rows are whole cache lines (the tests use it), a huge value turns it off.
+
+    Raises:
+        ValueError: a negative ``nbytes``.
+    """
+    if nbytes < 0:
+        raise ValueError(f"the stream threshold is a number of bytes >= 0, got {nbytes}")
+    if not _state["loaded"]:
+        load()
+    old: int = torch.ops.bnkit.stream_set_threshold(int(nbytes))
     return old

@@ -74,10 +74,16 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <mutex>
@@ -735,6 +741,69 @@ static void block_sums_by_run(const Geometry& g, double* s1, double* s2, F&& run
   }
 }
 
+// ------------------------------------------------------------------------------ streaming stores
+
+// Outputs of at least this many bytes (16 MiB unless set_stream_threshold says otherwise) are
+// written with non-temporal (streaming) stores, which skip the read of each destination cache
+// line that a normal store makes first, and leave no dirty lines for the next operation to
+// write back: on a 48 MiB activation the elementwise pass then moves two thirds of the bytes.
+// Smaller outputs keep normal stores: the next layer may still find them in cache (streaming
+// made 6-12 MiB channels-last outputs 10-30% slower to produce and read back).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+static std::atomic<int64_t> stream_threshold{kStreamBytes};
+
+static bool streams_bytes(size_t bytes) {
+  return static_cast<int64_t>(bytes) >= stream_threshold.load(std::memory_order_relaxed);
+}
+
+static bool streams(const at::Tensor& out) { return streams_bytes(out.nbytes()); }
+
+// Copies `bytes` (a multiple of 64) from src to dst (both 64-byte aligned) with streaming stores.
+static inline void stream_lines(void* dst, const void* src, size_t bytes) {
+#if defined(__AVX512F__)
+  auto* d = static_cast<__m512i*>(dst);
+  const auto* p = static_cast<const __m512i*>(src);
+  for (size_t i = 0; i < bytes / 64; ++i) _mm512_stream_si512(d + i, _mm512_load_si512(p + i));
+#elif defined(__AVX__)
+  auto* d = static_cast<__m256i*>(dst);
+  const auto* p = static_cast<const __m256i*>(src);
+  for (size_t i = 0; i < bytes / 32; ++i) _mm256_stream_si256(d + i, _mm256_load_si256(p + i));
+#elif defined(__SSE2__)
+  auto* d = static_cast<__m128i*>(dst);
+  const auto* p = static_cast<const __m128i*>(src);
+  for (size_t i = 0; i < bytes / 16; ++i) _mm_stream_si128(d + i, _mm_load_si128(p + i));
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
+// Orders this thread's streaming stores before whatever follows (the end of a parallel pass).
+static inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Writes `len` outputs at `out`: compute(dst, at, count) fills dst with outputs [at, at + count).
+// With `stream`, and `out` and the run's bytes whole cache lines, the values go through a
+// 4 KiB buffer that stays in L1 and then to memory with streaming stores; otherwise compute
+// writes `out` directly.
+template <typename T, typename F>
+static inline void write_run(bool stream, T* out, int64_t len, F&& compute) {
+  const auto bytes = static_cast<uintptr_t>(len) * sizeof(T);
+  if (!stream || ((reinterpret_cast<uintptr_t>(out) | bytes) & 63) != 0) {
+    compute(out, int64_t(0), len);
+    return;
+  }
+  constexpr int64_t kBuffer = 4096 / sizeof(T);
+  alignas(64) T buffer[kBuffer];
+  for (int64_t at = 0; at < len; at += kBuffer) {
+    const int64_t count = std::min(kBuffer, len - at);
+    compute(buffer, at, count);
+    stream_lines(out + at, buffer, static_cast<size_t>(count) * sizeof(T));
+  }
+}
+
 // Elementwise pass over the whole tensor: f(offset, length, ghost, channel) for blocks runs;
 // r(row, ghost) for rows.
 template <typename FB, typename FR>
@@ -744,6 +813,7 @@ static void for_all(const Geometry& g, FB&& block_run, FR&& row) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.c, 1));
     parallel(g, 0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) row(r, g.ghost_of(r / g.inner));
+      stream_fence();
     });
     return;
   }
@@ -756,6 +826,7 @@ static void for_all(const Geometry& g, FB&& block_run, FR&& row) {
       block_run(block * g.inner + j * kChunk, std::min(kChunk, g.inner - j * kChunk),
                 g.ghost_of(s), ch);
     }
+    stream_fence();
   });
 }
 
@@ -1085,8 +1156,8 @@ static void forward_coefficients(const Affine& f, int64_t ghosts, int64_t cc, in
 // ------------------------------------------------------------------------------ forward
 
 template <typename T, bool Relu>
-static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean, double* var,
-                          double* r, double* d) {
+static void train_forward(const Geometry& g, const Affine& f, T* y, bool stream, double* mean,
+                          double* var, double* r, double* d) {
   using A = typename Acc<T>::type;
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, gs = g.ghosts;
@@ -1139,15 +1210,21 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
                              bs = spread(g, b, c1 - c0);
         for_each_sample_run(g, c0, [&](int64_t off, int64_t gh) {
           const int64_t at = gh * len;
-          affine_row<T, A, Relu>(x + off, y + off, len, ms.data() + at, as.data() + at,
-                                    bs.data() + at);
+          write_run(stream, y + off, len, [&](T* out, int64_t k, int64_t count) {
+            affine_row<T, A, Relu>(x + off + k, out, count, ms.data() + at + k,
+                                   as.data() + at + k, bs.data() + at + k);
+          });
         });
+        stream_fence();
         return;
       }
       for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
         const int64_t i = (ch - c0) * gs + gh;
-        affine_run<T, A, Relu>(x + off, y + off, n, m[i], a[i], b[i]);
+        write_run(stream, y + off, n, [&](T* out, int64_t k, int64_t count) {
+          affine_run<T, A, Relu>(x + off + k, out, count, m[i], a[i], b[i]);
+        });
       });
+      stream_fence();
     });
     return;
   }
@@ -1180,12 +1257,16 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, double* mean
       g,
       [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
         const int64_t i = gh * cc + ch;
-        affine_run<T, A, Relu>(x + off, y + off, len, m[i], a[i], b[i]);
+        write_run(stream, y + off, len, [&](T* out, int64_t at, int64_t count) {
+          affine_run<T, A, Relu>(x + off + at, out, count, m[i], a[i], b[i]);
+        });
       },
       [&](int64_t row, int64_t gh) {
-        const int64_t i = gh * cc;
-        affine_row<T, A, Relu>(x + row * cc, y + row * cc, cc, m.get() + i, a.get() + i,
-                               b.get() + i);
+        const int64_t i = gh * cc, o = row * cc;
+        write_run(stream, y + o, cc, [&](T* out, int64_t at, int64_t count) {
+          affine_row<T, A, Relu>(x + o + at, out, count, m.get() + i + at, a.get() + i + at,
+                                 b.get() + i + at);
+        });
       });
 }
 
@@ -1201,15 +1282,22 @@ static at::Tensor affine_pass(const Geometry& g, const std::vector<double>& m,
   T* y = out.data_ptr<T>();
   const int64_t cc = g.c;
   std::vector<A> ma(m.begin(), m.end()), aa(a.begin(), a.end()), ba(b.begin(), b.end());
+  const bool stream = streams(out);
   auto run = [&](auto relu_tag) {
     constexpr bool R = decltype(relu_tag)::value;
     for_all(
         g,
         [&](int64_t off, int64_t len, int64_t, int64_t ch) {
-          affine_run<T, A, R>(x + off, y + off, len, ma[ch], aa[ch], ba[ch]);
+          write_run(stream, y + off, len, [&](T* dst, int64_t at, int64_t count) {
+            affine_run<T, A, R>(x + off + at, dst, count, ma[ch], aa[ch], ba[ch]);
+          });
         },
         [&](int64_t row, int64_t) {
-          affine_row<T, A, R>(x + row * cc, y + row * cc, cc, ma.data(), aa.data(), ba.data());
+          const int64_t o = row * cc;
+          write_run(stream, y + o, cc, [&](T* dst, int64_t at, int64_t count) {
+            affine_row<T, A, R>(x + o + at, dst, count, ma.data() + at, aa.data() + at,
+                                ba.data() + at);
+          });
         });
   };
   if (relu) {
@@ -1484,10 +1572,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       using T = decltype(tag);
       double* rp = f.renorm() ? r.data() : nullptr;
       double* dp = f.renorm() ? d.data() : nullptr;
+      const bool stream = streams(y);
       if (relu) {
-        train_forward<T, true>(g, f, y.data_ptr<T>(), mean.data(), var.data(), rp, dp);
+        train_forward<T, true>(g, f, y.data_ptr<T>(), stream, mean.data(), var.data(), rp,
+                                 dp);
       } else {
-        train_forward<T, false>(g, f, y.data_ptr<T>(), mean.data(), var.data(), rp, dp);
+        train_forward<T, false>(g, f, y.data_ptr<T>(), stream, mean.data(), var.data(), rp,
+                                 dp);
       }
     });
   }
@@ -1550,6 +1641,7 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
   using A = typename Acc<T>::type;
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, gs = g.ghosts;
+  const bool stream = streams_bytes(g.x.nbytes());  // dx has x's size
   if (const int64_t k = tile_channels(g, 2); k > 0) {
     for_each_tile(g, k, [&](int64_t c0, int64_t c1) {
       const int64_t w = (c1 - c0) * gs;
@@ -1596,19 +1688,27 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
                                              ms.data() + at, as.data() + at, bs.data() + at,
                                              es.data() + at, *g.weights_at<A>(off / plane, 0));
           } else {
-            grad_row<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, ms.data() + at,
-                                    as.data() + at, bs.data() + at, es.data() + at);
+            write_run(stream, gx + off, len, [&](T* out, int64_t k, int64_t count) {
+              const int64_t o = off + k, q = at + k;
+              grad_row<T, A, Relu>(x + o, dy + o, y + o, out, count, ms.data() + q,
+                                   as.data() + q, bs.data() + q, es.data() + q);
+            });
           }
         });
+        stream_fence();
         return;
       }
       for_each_tile_run(g, c0, c1, [&](int64_t off, int64_t n, int64_t gh, int64_t ch) {
         const int64_t i = (ch - c0) * gs + gh;
         // Weighted: dx = γ·invstd·(dy' − w·(Σdy'/W + x̂·Σdy'·x̂/W)), the sums unweighted.
         const A ws = g.weighted() ? *g.weights_at<A>(off / plane, 0) : A(1);
-        grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, n, m[i], a[i], ws * b[i],
-                             ws * e[i]);
+        write_run(stream, gx + off, n, [&](T* out, int64_t k, int64_t count) {
+          const int64_t o = off + k;
+          grad_run<T, A, Relu>(x + o, dy + o, y + o, out, count, m[i], a[i], ws * b[i],
+                               ws * e[i]);
+        });
       });
+      stream_fence();
     });
     return;
   }
@@ -1662,19 +1762,25 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
         [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
           const int64_t smp = off / plane, pos = off % g.inner, i = gh * cc + ch;
           const A* wp = g.weights_at<A>(smp, pos);
-          if (g.per_sample) {
-            grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m[i], a[i],
-                                 *wp * b[i], *wp * e[i]);
-          } else {
-            masked_grad_run<T, A, Relu>(x + off, dy + off, y + off, wp, gx + off, len, m[i],
-                                        a[i], b[i], e[i]);
-          }
+          write_run(stream, gx + off, len, [&](T* out, int64_t k, int64_t count) {
+            const int64_t o = off + k;
+            if (g.per_sample) {
+              grad_run<T, A, Relu>(x + o, dy + o, y + o, out, count, m[i], a[i], *wp * b[i],
+                                   *wp * e[i]);
+            } else {
+              masked_grad_run<T, A, Relu>(x + o, dy + o, y + o, wp + k, out, count, m[i], a[i],
+                                          b[i], e[i]);
+            }
+          });
         },
         [&](int64_t row, int64_t gh) {
           const int64_t o = row * cc, i = gh * cc;
           const A wr = *g.weights_at<A>(row / g.inner, row % g.inner);
-          weighted_grad_row<T, A, Relu>(x + o, dy + o, y + o, gx + o, cc, m.get() + i,
-                                        a.get() + i, b.get() + i, e.get() + i, wr);
+          write_run(stream, gx + o, cc, [&](T* out, int64_t k, int64_t count) {
+            const int64_t p = o + k, q = i + k;
+            weighted_grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m.get() + q,
+                                          a.get() + q, b.get() + q, e.get() + q, wr);
+          });
         });
     return;
   }
@@ -1682,12 +1788,18 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
       g,
       [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
         const int64_t i = gh * cc + ch;
-        grad_run<T, A, Relu>(x + off, dy + off, y + off, gx + off, len, m[i], a[i], b[i], e[i]);
+        write_run(stream, gx + off, len, [&](T* out, int64_t at, int64_t count) {
+          const int64_t o = off + at;
+          grad_run<T, A, Relu>(x + o, dy + o, y + o, out, count, m[i], a[i], b[i], e[i]);
+        });
       },
       [&](int64_t row, int64_t gh) {
         const int64_t i = gh * cc, o = row * cc;
-        grad_row<T, A, Relu>(x + o, dy + o, y + o, gx + o, cc, m.get() + i, a.get() + i,
-                             b.get() + i, e.get() + i);
+        write_run(stream, gx + o, cc, [&](T* out, int64_t at, int64_t count) {
+          const int64_t p = o + at, q = i + at;
+          grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m.get() + q, a.get() + q,
+                               b.get() + q, e.get() + q);
+        });
       });
 }
 
@@ -1815,14 +1927,19 @@ static void eval_backward(const Geometry& g, const std::vector<double>& mean,
       });
     }
   }
+  const bool stream = streams_bytes(g.x.nbytes());  // dx has x's size
   for_all(
       g,
       [&](int64_t off, int64_t len, int64_t, int64_t ch) {
-        scale_run<T, A, Relu>(dy + off, y + off, gx + off, len, ka[ch]);
+        write_run(stream, gx + off, len, [&](T* out, int64_t k, int64_t count) {
+          scale_run<T, A, Relu>(dy + off + k, y + off + k, out, count, ka[ch]);
+        });
       },
       [&](int64_t row, int64_t) {
         const int64_t o = row * cc;
-        scale_row<T, A, Relu>(dy + o, y + o, gx + o, cc, ka.data());
+        write_run(stream, gx + o, cc, [&](T* out, int64_t k, int64_t count) {
+          scale_row<T, A, Relu>(dy + o + k, y + o + k, out, count, ka.data() + k);
+        });
       });
 }
 
@@ -1920,6 +2037,42 @@ static torch::autograd::variable_list differentiable_backward(
 // The autograd formula of bn_train, in C++ so a training step pays no Python on the way in
 // or out. y depends on x, γ, β (r and d are constants); mean and var are differentiable
 // outputs too (their gradients fold into bn_backward's coefficients); r and d are not.
+// Calling below ADInplaceOrView (as the autograd kernels do) also skips its version-counter
+// bump of the buffers that bn_train updates in place; this does it, so that autograd still sees
+// that a saved buffer was modified.
+static void bump_buffer_versions(const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var,
+                                 const std::optional<at::Tensor>& num_batches_tracked,
+                                 const std::optional<at::Tensor>& running_std,
+                                 const std::optional<at::Tensor>& renorm_mean,
+                                 const std::optional<at::Tensor>& renorm_std) {
+  auto bump = [](const std::optional<at::Tensor>& t) {
+    if (has(t) && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  };
+  for (const auto* t : {&running_mean, &running_var, &num_batches_tracked, &running_std}) {
+    bump(*t);
+  }
+  if (has(running_std)) {  // Keras' renorm rule also moves the renorm statistics
+    bump(renorm_mean);
+    bump(renorm_std);
+  }
+}
+
+// Whether an autograd kernel may skip its torch::autograd::Function: no gradient can flow
+// (grad mode off, or no differentiable input requires one) and no input carries a forward-mode
+// tangent (the Function would raise for it, as C++ Functions have no jvp). The Function's node,
+// saved variables and output wrapping cost several microseconds per call, most of a small
+// layer's time in inference and under torch.no_grad().
+static bool needs_autograd(std::initializer_list<const at::Tensor*> inputs) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const at::Tensor* t : inputs) {
+    if (!t->defined()) continue;
+    if (grad_mode && t->requires_grad()) return true;
+    if (t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
 class TrainFunction : public torch::autograd::Function<TrainFunction> {
  public:
   static torch::autograd::variable_list forward(
@@ -1940,17 +2093,8 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
         op.call(x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax, dmax,
                 relu, running_mean, running_var, momentum, sample_weight, num_batches_tracked,
                 guard, running_std, renorm_momentum, biased);
-    // Skipping ADInplaceOrView above also skips its version-counter bump of the buffers.
-    auto bump = [](const std::optional<at::Tensor>& t) {
-      if (has(t) && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
-    };
-    for (const auto* t : {&running_mean, &running_var, &num_batches_tracked, &running_std}) {
-      bump(*t);
-    }
-    if (has(running_std)) {  // Keras' renorm rule also moves the renorm statistics
-      bump(renorm_mean);
-      bump(renorm_std);
-    }
+    bump_buffer_versions(running_mean, running_var, num_batches_tracked, running_std,
+                         renorm_mean, renorm_std);
     const bool renorm = has(renorm_std);
     // r and d are saved from the forward: the renorm buffers are updated in place after it.
     ctx->save_for_backward({x, has(weight) ? *weight : at::Tensor(), mean, var,
@@ -2087,6 +2231,22 @@ bn_train_autograd(
     const std::optional<at::Tensor>& sample_weight,
     const std::optional<at::Tensor>& num_batches_tracked, bool guard,
     const std::optional<at::Tensor>& running_std, double renorm_momentum, bool biased) {
+  const at::Tensor none;
+  auto ptr = [&](const std::optional<at::Tensor>& t) { return has(t) ? &*t : &none; };
+  if (!needs_autograd({&input, ptr(weight), ptr(bias), ptr(renorm_mean), ptr(renorm_std),
+                       ptr(running_mean), ptr(running_var), ptr(sample_weight),
+                       ptr(num_batches_tracked), ptr(running_std)})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnkit::bn_train", "")
+                         .typed<decltype(bn_train)>();
+    auto out = op.call(input, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin,
+                       rmax, dmax, relu, running_mean, running_var, momentum, sample_weight,
+                       num_batches_tracked, guard, running_std, renorm_momentum, biased);
+    bump_buffer_versions(running_mean, running_var, num_batches_tracked, running_std,
+                         renorm_mean, renorm_std);
+    return out;
+  }
   auto out = TrainFunction::apply(input, weight, bias, eps, ghosts, strided, renorm_mean,
                                   renorm_std, rmin, rmax, dmax, relu, running_mean, running_var,
                                   momentum, sample_weight, num_batches_tracked, guard,
@@ -2164,6 +2324,15 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
 at::Tensor bn_eval_autograd(const at::Tensor& input, const at::Tensor& mean,
                             const at::Tensor& var, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, double eps, bool relu) {
+  const at::Tensor none;
+  auto ptr = [&](const std::optional<at::Tensor>& t) { return has(t) ? &*t : &none; };
+  if (!needs_autograd({&input, &mean, &var, ptr(weight), ptr(bias)})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bnkit::bn_eval", "")
+                         .typed<decltype(bn_eval)>();
+    return op.call(input, mean, var, weight, bias, eps, relu);
+  }
   return EvalFunction::apply(input, mean, var, weight, bias, eps, relu)[0];
 }
 
@@ -2176,6 +2345,14 @@ int64_t pool_set_limit(int64_t bytes) {
   OutputPool& pool = OutputPool::instance();
   const int64_t old = pool.limit();
   if (bytes >= 0) pool.set_limit(bytes);
+  return old;
+}
+
+// Sets the streaming-store threshold in bytes and returns the previous one; a negative value
+// only reads it.
+int64_t stream_set_threshold(int64_t bytes) {
+  const int64_t old = stream_threshold.load();
+  if (bytes >= 0) stream_threshold.store(bytes);
   return old;
 }
 
@@ -2205,6 +2382,7 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
       "float eps, Tensor? output=None, bool param_grads=True) -> (Tensor, Tensor, Tensor)");
   m.def("pool_cached_bytes() -> int", &bnkit_cpu::pool_cached_bytes);
   m.def("pool_set_limit(int bytes) -> int", &bnkit_cpu::pool_set_limit);
+  m.def("stream_set_threshold(int bytes) -> int", &bnkit_cpu::stream_set_threshold);
 }
 
 TORCH_LIBRARY_IMPL(bnkit, CPU, m) {

@@ -1338,10 +1338,11 @@ def _cpp_sample_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor | None:
     sample (N values) or per position (N·spatial values, samples then positions in the order
     of ``x.movedim(axis, 1)``'s non-channel dims).
     """
-    if torch.is_grad_enabled() and weights.requires_grad:
+    # Cheapest tests first: this runs on every weighted step of the layers' one-call path.
+    if weights.requires_grad and torch.is_grad_enabled():
         return None
-    cdt = compute_dtype(x.dtype)
-    if weights.ndim == 1 and weights.shape[0] == x.shape[0] and weights.dtype == cdt:
+    cdt = x.dtype if x.dtype in _FULL_PRECISION else compute_dtype(x.dtype)
+    if weights.dim() == 1 and weights.dtype is cdt and weights.shape[0] == x.shape[0]:
         return weights  # per sample, as the kernels take them: skip the small operations below
     aligned = align_weights(weights, x, axis).movedim(axis, 1)
     if aligned.shape[1] != 1:

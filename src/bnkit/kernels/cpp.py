@@ -47,7 +47,9 @@ per channel computes the statistics and then normalizes the channel while it is 
 normalize pass. Outputs of 1 MiB or more come from a pool of blocks given back by earlier
 outputs (:func:`cached_bytes`, :func:`set_pool_limit`; ``$BNKIT_POOL_MIB``, default 1024):
 fresh memory from the operating system costs a page fault per 4 KiB, several times the
-kernel's own time on large activations.
+kernel's own time on large activations. Outputs of 16 MiB or more are written with streaming
+stores, past the cache (:func:`set_stream_threshold`). Without any input that requires a
+gradient (or under ``torch.no_grad()``) the operators skip their autograd bookkeeping.
 
 If no compiler is available or the build fails, :func:`available` warns once
 (:class:`CppKernelWarning`) and returns False; callers fall back to PyTorch's kernels.
@@ -81,6 +83,7 @@ __all__ = [
     "load",
     "ready",
     "set_pool_limit",
+    "set_stream_threshold",
     "status",
     "train",
 ]

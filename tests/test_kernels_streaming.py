@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 
 import pytest
@@ -177,7 +178,11 @@ def test_streamed_values_match_closed_form() -> None:
     torch.testing.assert_close(out.y, want, rtol=1e-10, atol=1e-10)
 
 
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 @pytest.mark.usefixtures("built", "restore_threshold")
+@pytest.mark.skipif(not X86_64, reason="streaming stores exist on x86-64 builds only")
 def test_stream_threshold_is_set_read_and_checked() -> None:
     cpp.set_stream_threshold(12345)
     assert cpp.set_stream_threshold(4096) == 12345
@@ -262,6 +267,30 @@ def test_eval_uses_autograd_only_when_an_input_requires_grad(needs_grad: str) ->
     assert (y.grad_fn is not None) == (needs_grad != "none")
     want = (x - mean[:, None]) * (weight / (var + 1e-5).sqrt())[:, None] + bias[:, None]
     torch.testing.assert_close(y.detach(), want)
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("op", ["train", "eval"])
+def test_functorch_transforms_accept_calls_on_constants(op: str) -> None:
+    # torch.func rejects C++ autograd Functions; a call whose inputs are constants of the
+    # transform (nothing requires grad) no longer builds one, so it runs, with the right value.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 5, generator=gen, dtype=torch.float64) + 1
+    mean, var = torch.randn(3, generator=gen, dtype=torch.float64), torch.rand(3, dtype=x.dtype)
+    probe = torch.randn(x.shape, generator=gen, dtype=x.dtype)  # the sum of x̂ alone is 0
+    if op == "train":
+        mean, var = x.mean((0, 2)), x.var((0, 2), correction=0)
+    want = (probe * (x - mean[:, None]) / (var[:, None] + 1e-5).sqrt()).sum()
+
+    def normalized() -> torch.Tensor:
+        if op == "train":
+            return cpp.train(x, eps=1e-5).y
+        return cpp.bn_eval(x, mean, var, None, None, 1e-5)
+
+    got = torch.func.grad(lambda p: p * (probe * normalized()).sum())(
+        torch.tensor(2.0, dtype=x.dtype)
+    )
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.usefixtures("built")

@@ -82,8 +82,11 @@ def _kernels(args: argparse.Namespace) -> int:
         limit_mib = (status.pool_limit_bytes or 0) / 2**20
         cached_mib = (status.cached_bytes or 0) / 2**20
         print(f"  output pool: {cached_mib:.1f} MiB cached, limit {limit_mib:.0f} MiB")
-        stream_mib = (status.stream_threshold_bytes or 0) / 2**20
-        print(f"  streaming stores: outputs of {stream_mib:g} MiB or more")
+        if status.stream_threshold_bytes is None:
+            print("  streaming stores: none on this machine (not x86-64)")
+        else:
+            stream_mib = status.stream_threshold_bytes / 2**20
+            print(f"  streaming stores: outputs of {stream_mib:g} MiB or more")
         print("  use them: bnkit.set_policy(kernels='cpp') or BNKIT_KERNELS=cpp")
         return 0
     print(f"  error:   {status.build_error}")

@@ -309,7 +309,9 @@ class KernelStatus(NamedTuple):
     threads: int
     pool_limit_bytes: int | None  # None when the kernels are not available
     cached_bytes: int | None
-    stream_threshold_bytes: int | None  # outputs this large are written with streaming stores
+    # Outputs this large are written with streaming stores; None when the kernels are not
+    # available or the machine has none (not x86-64).
+    stream_threshold_bytes: int | None
 
 
 def status() -> KernelStatus:
@@ -328,7 +330,8 @@ def status() -> KernelStatus:
     if ok:
         limit = int(torch.ops.bnkit.pool_set_limit(-1))  # a negative limit only reads it
         cached = cached_bytes()
-        stream = int(torch.ops.bnkit.stream_set_threshold(-1))  # likewise
+        stream = int(torch.ops.bnkit.stream_set_threshold(-1))  # likewise; -1: cannot stream
+        stream = None if stream < 0 else stream
     return KernelStatus(
         available=ok,
         build_error=build_error(),
@@ -566,7 +569,8 @@ def set_stream_threshold(nbytes: int) -> int:
     it, and stores that bypass the cache save the read of every destination line (on a 48 MiB
     activation, eval 6.0 → 5.0 ms together with the next layer's read of the output here).
     Streaming never changes a value; ``set_stream_threshold(0)`` streams every output whose
-    rows are whole cache lines (the tests use it), a huge value turns it off.
+    rows are whole cache lines (the tests use it), a huge value turns it off. Builds for other
+    machines than x86-64 have no streaming stores: there this returns -1 and changes nothing.
 
     Raises:
         ValueError: a negative ``nbytes``.

@@ -74,7 +74,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+// Streaming stores need x86-64 (which always has SSE2); elsewhere outputs use normal stores.
 #if defined(__x86_64__) || defined(_M_X64)
+#define BNKIT_X86_64 1
 #include <immintrin.h>
 #endif
 
@@ -751,24 +753,30 @@ static void block_sums_by_run(const Geometry& g, double* s1, double* s2, F&& run
 // made 6-12 MiB channels-last outputs 10-30% slower to produce and read back).
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 static std::atomic<int64_t> stream_threshold{kStreamBytes};
+#if defined(BNKIT_X86_64)
+constexpr bool kCanStream = true;
+#else
+constexpr bool kCanStream = false;  // no streaming stores: a buffered copy would only cost
+#endif
 
 static bool streams_bytes(size_t bytes) {
-  return static_cast<int64_t>(bytes) >= stream_threshold.load(std::memory_order_relaxed);
+  return kCanStream &&
+         static_cast<int64_t>(bytes) >= stream_threshold.load(std::memory_order_relaxed);
 }
 
 static bool streams(const at::Tensor& out) { return streams_bytes(out.nbytes()); }
 
 // Copies `bytes` (a multiple of 64) from src to dst (both 64-byte aligned) with streaming stores.
 static inline void stream_lines(void* dst, const void* src, size_t bytes) {
-#if defined(__AVX512F__)
+#if defined(BNKIT_X86_64) && defined(__AVX512F__)
   auto* d = static_cast<__m512i*>(dst);
   const auto* p = static_cast<const __m512i*>(src);
   for (size_t i = 0; i < bytes / 64; ++i) _mm512_stream_si512(d + i, _mm512_load_si512(p + i));
-#elif defined(__AVX__)
+#elif defined(BNKIT_X86_64) && defined(__AVX__)
   auto* d = static_cast<__m256i*>(dst);
   const auto* p = static_cast<const __m256i*>(src);
   for (size_t i = 0; i < bytes / 32; ++i) _mm256_stream_si256(d + i, _mm256_load_si256(p + i));
-#elif defined(__SSE2__)
+#elif defined(BNKIT_X86_64)
   auto* d = static_cast<__m128i*>(dst);
   const auto* p = static_cast<const __m128i*>(src);
   for (size_t i = 0; i < bytes / 16; ++i) _mm_stream_si128(d + i, _mm_load_si128(p + i));
@@ -779,7 +787,7 @@ static inline void stream_lines(void* dst, const void* src, size_t bytes) {
 
 // Orders this thread's streaming stores before whatever follows (the end of a parallel pass).
 static inline void stream_fence() {
-#if defined(__SSE2__)
+#if defined(BNKIT_X86_64)
   _mm_sfence();
 #endif
 }
@@ -2366,8 +2374,9 @@ int64_t pool_set_limit(int64_t bytes) {
 }
 
 // Sets the streaming-store threshold in bytes and returns the previous one; a negative value
-// only reads it.
+// only reads it. -1 where this build has no streaming stores (not x86-64).
 int64_t stream_set_threshold(int64_t bytes) {
+  if (!kCanStream) return -1;
   const int64_t old = stream_threshold.load();
   if (bytes >= 0) stream_threshold.store(bytes);
   return old;

@@ -1039,6 +1039,22 @@ def test_errors(make: Callable[[], object], exc: type[Exception], match: str) ->
         make()
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+@pytest.mark.parametrize(
+    "missing", [("running_mean",), ("running_var",), ("running_mean", "running_var")]
+)
+def test_training_without_running_buffers_says_what_to_do(
+    missing: tuple[str, ...], kernels: str
+) -> None:
+    m = BatchNorm1d(3, policy={"kernels": kernels})
+    for name in missing:
+        setattr(m, name, None)
+    with pytest.raises(ValueError, match=rf"its {' and '.join(missing)} is None") as info:
+        m(torch.randn(4, 3))
+    assert "track_running_stats = False" in str(info.value)
+    assert "torch.zeros(3)" in str(info.value)
+
+
 def test_error_leaves_state_untouched() -> None:
     m = BatchNorm(3, virtual_batch_size=4)
     before = {k: v.clone() for k, v in m.state_dict().items()}

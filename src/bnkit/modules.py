@@ -472,8 +472,17 @@ class BatchNorm(nn.Module):
         # Read the buffer dict directly: this runs on every training call.
         b = self._buffers
         mean, var = b["running_mean"], b["running_var"]
-        assert mean is not None
-        assert var is not None
+        if mean is None or var is None:
+            missing = " and ".join(
+                name for name, t in (("running_mean", mean), ("running_var", var)) if t is None
+            )
+            raise ValueError(
+                f"{self._display_name()} tracks running statistics (track_running_stats=True) "
+                f"but its {missing} is None, so a training step has nothing to update. Fix: "
+                f"assign a tensor of {self.num_features} values (e.g. layer.running_mean = "
+                f"torch.zeros({self.num_features}), then layer.reset_running_stats()), or set "
+                "layer.track_running_stats = False to normalize with batch statistics only."
+            )
         return RunningState(
             mean=mean,
             var=var,

@@ -361,6 +361,9 @@ WEIGHTED_GHOST_CASES: list[tuple[tuple[int, ...], str, int, bool, str]] = [
     ((64, 6, 3, 5), "contiguous", 32, False, "per-sample"),  # short runs, spread constants
     ((64, 40, 7, 7), "contiguous", 16, False, "per-sample"),  # several tiles
     ((16, 8, 20, 20), "channels_last", 4, True, "per-position"),  # rows, in parallel
+    # rows in pieces of 2048 that start mid-sample (63 rows per sample), 4 rows per update
+    ((48, 8, 7, 9), "channels_last", 48, False, "per-sample"),
+    ((48, 8, 7, 9), "channels_last", 24, False, "per-position"),
 ]
 
 

@@ -91,6 +91,7 @@
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -813,7 +814,7 @@ static inline void write_run(bool stream, T* out, int64_t len, F&& compute) {
 }
 
 // Elementwise pass over the whole tensor: f(offset, length, ghost, channel) for blocks runs;
-// r(row, ghost) for rows.
+// r(row, ghost) or r(row, ghost, sample) for rows.
 template <typename FB, typename FR>
 static void for_all(const Geometry& g, FB&& block_run, FR&& row) {
   if (g.rows) {
@@ -825,7 +826,11 @@ static void for_all(const Geometry& g, FB&& block_run, FR&& row) {
       int64_t pos = begin % g.inner, s = begin / g.inner;
       int64_t gh = s < g.n ? g.ghost_of(s) : 0;
       for (int64_t r = begin; r < end; ++r) {
-        row(r, gh);
+        if constexpr (std::is_invocable_v<FR&, int64_t, int64_t, int64_t>) {
+          row(r, gh, s);  // the row's sample too (per-sample weights)
+        } else {
+          row(r, gh);
+        }
         if (++pos < g.inner) continue;
         pos = 0;
         if (++s < g.n) gh = g.ghost_of(s);
@@ -1021,6 +1026,54 @@ static inline void weighted_row_sums(const T* p, int64_t cc, const A* k, A w, A*
   }
 }
 
+// The weights of consecutive rows (sample-major positions) of the rows layout, stepped rather
+// than divided out per row: w[sample] per sample, w[row] per position.
+template <typename A>
+class RowWeights {
+ public:
+  RowWeights(const Geometry& g, int64_t row)
+      : w_(g.w.const_data_ptr<A>()), per_sample_(g.per_sample), inner_(g.inner),
+        row_(row), sample_(row / g.inner), pos_(row % g.inner) {}
+  A next() {
+    const A value = per_sample_ ? w_[sample_] : w_[row_];
+    ++row_;
+    if (++pos_ == inner_) {
+      pos_ = 0;
+      ++sample_;
+    }
+    return value;
+  }
+
+ private:
+  const A* w_;
+  bool per_sample_;
+  int64_t inner_, row_, sample_, pos_;
+};
+
+// Adds rows [begin, end) of x, shifted by k and weighted per row, into q1 (Σ w·d) and q2
+// (Σ w·d²): four rows per update of the accumulators, as shifted_row_sums.
+template <typename T, typename A>
+static void weighted_shifted_row_sums(const Geometry& g, const T* x, int64_t begin, int64_t end,
+                                      const A* k, A* q1, A* q2) {
+  const int64_t cc = g.c;
+  RowWeights<A> weights(g, begin);
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const A w0 = weights.next(), w1 = weights.next(), w2 = weights.next(), w3 = weights.next();
+    const T* p0 = x + r * cc;
+    const T *p1 = p0 + cc, *p2 = p1 + cc, *p3 = p2 + cc;
+#pragma omp simd
+    for (int64_t ch = 0; ch < cc; ++ch) {
+      const A d0 = static_cast<A>(p0[ch]) - k[ch], d1 = static_cast<A>(p1[ch]) - k[ch];
+      const A d2 = static_cast<A>(p2[ch]) - k[ch], d3 = static_cast<A>(p3[ch]) - k[ch];
+      const A e0 = w0 * d0, e1 = w1 * d1, e2 = w2 * d2, e3 = w3 * d3;
+      q1[ch] += (e0 + e1) + (e2 + e3);
+      q2[ch] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
+    }
+  }
+  for (; r < end; ++r) weighted_row_sums<T, A>(x + r * cc, cc, k, weights.next(), q1, q2);
+}
+
 // gx = a·dy' + w·(b·(x - m) + d): the weighted backward's elementwise pass, one weight per
 // value (masks); the per-sample and per-row cases scale b and d instead.
 template <typename T, typename A, bool Relu>
@@ -1071,10 +1124,7 @@ static void statistics(const Geometry& g, const T* x, double* mean, double* var)
   const auto s1 = scratch<double>(width), s2 = scratch<double>(width);
   if (g.rows && g.weighted()) {
     row_sums<A>(g, s1.get(), s2.get(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
-      for (int64_t r = begin; r < end; ++r) {
-        const A wr = *g.weights_at<A>(r / g.inner, r % g.inner);
-        weighted_row_sums<T, A>(x + r * cc, cc, k.get() + gh * cc, wr, q1, q2);
-      }
+      weighted_shifted_row_sums<T, A>(g, x, begin, end, k.get() + gh * cc, q1, q2);
     });
   } else if (g.rows) {
     row_sums<A>(g, s1.get(), s2.get(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
@@ -1798,9 +1848,9 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
             }
           });
         },
-        [&](int64_t row, int64_t gh) {
+        [&](int64_t row, int64_t gh, int64_t smp) {
           const int64_t o = row * cc, i = gh * cc;
-          const A wr = *g.weights_at<A>(row / g.inner, row % g.inner);
+          const A wr = *g.weights_at<A>(smp, row - smp * g.inner);
           write_run(stream, gx + o, cc, [&](T* out, int64_t k, int64_t count) {
             const int64_t p = o + k, q = i + k;
             weighted_grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m.get() + q,

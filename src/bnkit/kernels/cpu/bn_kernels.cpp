@@ -962,32 +962,77 @@ static inline void grad_row(const T* x, const T* dy, const T* y, T* gx, int64_t 
   }
 }
 
-// Adds rows [begin, end) of the (rows, cc) array x, shifted by k, into q1 (Σ) and q2 (Σ²):
-// four rows per update of the accumulators, which are then stored a quarter as often.
-template <typename T, typename A>
-static void shifted_row_sums(const T* x, int64_t cc, int64_t begin, int64_t end, const A* k,
-                             A* q1, A* q2) {
+// The weights of consecutive rows (sample-major positions) of the rows layout, stepped rather
+// than divided out per row: w[sample] per sample, w[row] per position.
+template <typename A>
+class RowWeights {
+ public:
+  RowWeights(const Geometry& g, int64_t row)
+      : w_(g.w.const_data_ptr<A>()), per_sample_(g.per_sample), inner_(g.inner),
+        row_(row), sample_(row / g.inner), pos_(row % g.inner) {}
+  A next() {
+    const A value = per_sample_ ? w_[sample_] : w_[row_];
+    ++row_;
+    if (++pos_ == inner_) {
+      pos_ = 0;
+      ++sample_;
+    }
+    return value;
+  }
+
+ private:
+  const A* w_;
+  bool per_sample_;
+  int64_t inner_, row_, sample_, pos_;
+};
+
+// Adds rows [begin, end) of the (rows, cc) array x, shifted by k, into q1 (Σ w·d) and q2
+// (Σ w·d²), d = x - k, with w = 1 or, when Weighted, each row's weight from `weights`: four rows
+// per update of the accumulators, which are then stored a quarter as often.
+template <typename T, typename A, bool Weighted>
+static void summed_rows(const T* x, int64_t cc, int64_t begin, int64_t end, const A* k,
+                        RowWeights<A>* weights, A* q1, A* q2) {
+  auto next = [&]() { return Weighted ? weights->next() : A(1); };
   int64_t r = begin;
   for (; r + 4 <= end; r += 4) {
+    const A w0 = next(), w1 = next(), w2 = next(), w3 = next();
     const T* p0 = x + r * cc;
     const T *p1 = p0 + cc, *p2 = p1 + cc, *p3 = p2 + cc;
 #pragma omp simd
     for (int64_t ch = 0; ch < cc; ++ch) {
       const A d0 = static_cast<A>(p0[ch]) - k[ch], d1 = static_cast<A>(p1[ch]) - k[ch];
       const A d2 = static_cast<A>(p2[ch]) - k[ch], d3 = static_cast<A>(p3[ch]) - k[ch];
-      q1[ch] += (d0 + d1) + (d2 + d3);
-      q2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+      if constexpr (Weighted) {
+        const A e0 = w0 * d0, e1 = w1 * d1, e2 = w2 * d2, e3 = w3 * d3;
+        q1[ch] += (e0 + e1) + (e2 + e3);
+        q2[ch] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
+      } else {
+        q1[ch] += (d0 + d1) + (d2 + d3);
+        q2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+      }
     }
   }
   for (; r < end; ++r) {
     const T* p = x + r * cc;
+    const A w = next();
 #pragma omp simd
     for (int64_t ch = 0; ch < cc; ++ch) {
       const A d = static_cast<A>(p[ch]) - k[ch];
-      q1[ch] += d;
-      q2[ch] += d * d;
+      if constexpr (Weighted) {
+        q1[ch] += w * d;
+        q2[ch] += w * d * d;
+      } else {
+        q1[ch] += d;
+        q2[ch] += d * d;
+      }
     }
   }
+}
+
+template <typename T, typename A>
+static void shifted_row_sums(const T* x, int64_t cc, int64_t begin, int64_t end, const A* k,
+                             A* q1, A* q2) {
+  summed_rows<T, A, false>(x, cc, begin, end, k, nullptr, q1, q2);
 }
 
 // Adds rows [begin, end) of Σdy' and Σdy'·(x - m) into q1, q2 (dy' = dy, or masked by y > 0).
@@ -1045,54 +1090,6 @@ static inline void weighted_row_sums(const T* p, int64_t cc, const A* k, A w, A*
   }
 }
 
-// The weights of consecutive rows (sample-major positions) of the rows layout, stepped rather
-// than divided out per row: w[sample] per sample, w[row] per position.
-template <typename A>
-class RowWeights {
- public:
-  RowWeights(const Geometry& g, int64_t row)
-      : w_(g.w.const_data_ptr<A>()), per_sample_(g.per_sample), inner_(g.inner),
-        row_(row), sample_(row / g.inner), pos_(row % g.inner) {}
-  A next() {
-    const A value = per_sample_ ? w_[sample_] : w_[row_];
-    ++row_;
-    if (++pos_ == inner_) {
-      pos_ = 0;
-      ++sample_;
-    }
-    return value;
-  }
-
- private:
-  const A* w_;
-  bool per_sample_;
-  int64_t inner_, row_, sample_, pos_;
-};
-
-// Adds rows [begin, end) of x, shifted by k and weighted per row, into q1 (Σ w·d) and q2
-// (Σ w·d²): four rows per update of the accumulators, as shifted_row_sums.
-template <typename T, typename A>
-static void weighted_shifted_row_sums(const Geometry& g, const T* x, int64_t begin, int64_t end,
-                                      const A* k, A* q1, A* q2) {
-  const int64_t cc = g.c;
-  RowWeights<A> weights(g, begin);
-  int64_t r = begin;
-  for (; r + 4 <= end; r += 4) {
-    const A w0 = weights.next(), w1 = weights.next(), w2 = weights.next(), w3 = weights.next();
-    const T* p0 = x + r * cc;
-    const T *p1 = p0 + cc, *p2 = p1 + cc, *p3 = p2 + cc;
-#pragma omp simd
-    for (int64_t ch = 0; ch < cc; ++ch) {
-      const A d0 = static_cast<A>(p0[ch]) - k[ch], d1 = static_cast<A>(p1[ch]) - k[ch];
-      const A d2 = static_cast<A>(p2[ch]) - k[ch], d3 = static_cast<A>(p3[ch]) - k[ch];
-      const A e0 = w0 * d0, e1 = w1 * d1, e2 = w2 * d2, e3 = w3 * d3;
-      q1[ch] += (e0 + e1) + (e2 + e3);
-      q2[ch] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
-    }
-  }
-  for (; r < end; ++r) weighted_row_sums<T, A>(x + r * cc, cc, k, weights.next(), q1, q2);
-}
-
 // gx = a·dy' + w·(b·(x - m) + d): the weighted backward's elementwise pass, one weight per
 // value (masks); the per-sample and per-row cases scale b and d instead.
 template <typename T, typename A, bool Relu>
@@ -1143,7 +1140,8 @@ static void statistics(const Geometry& g, const T* x, double* mean, double* var)
   const auto s1 = scratch<double>(width), s2 = scratch<double>(width);
   if (g.rows && g.weighted()) {
     row_sums<A>(g, s1.get(), s2.get(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
-      weighted_shifted_row_sums<T, A>(g, x, begin, end, k.get() + gh * cc, q1, q2);
+      RowWeights<A> weights(g, begin);
+      summed_rows<T, A, true>(x, cc, begin, end, k.get() + gh * cc, &weights, q1, q2);
     });
   } else if (g.rows) {
     row_sums<A>(g, s1.get(), s2.get(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {

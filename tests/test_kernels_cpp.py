@@ -235,6 +235,7 @@ def test_bench_kernels_cpp_reports_cpp_path(capsys: pytest.CaptureFixture[str]) 
     assert main(["bench", "--kernels", "ops", "--quick", "--json", "--shapes", "4x3x5x5,8x3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["meta"]["kernel_path"] == "cpp"
+    assert report["meta"]["stream_threshold_bytes"] == cpp.status().stream_threshold_bytes
     assert "--kernels ops" in report["meta"]["command"]
     rows = {(tuple(r["shape"]), r["layout"], r["mode"]) for r in report["results"]}
     assert rows == {

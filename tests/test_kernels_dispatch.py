@@ -552,6 +552,26 @@ def test_bench_kernels_cpp_runs_the_module_rows_on_the_kernels(
         assert r["meets_target"] == within
     assert calls["train"] > 0
     assert calls["eval"] > 0
+    assert report["meta"]["stream_threshold_bytes"] == cpp.status().stream_threshold_bytes
+
+
+@pytest.mark.usefixtures("built")
+def test_bench_kernels_cpp_header_says_when_stores_stream(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bnkit import bench
+    from bnkit.cli import main
+
+    argv = ["bench", "--kernels", "cpp", "--quick", "--no-memory", "--shapes", "8x3"]
+    assert main([*argv, "--configs", "default", "--modes", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        bench._stream_line({"stream_threshold_bytes": 16 << 20})
+        == "C++ kernels: streaming stores for outputs of 16 MiB or more"
+    )
+    threshold = cpp.status().stream_threshold_bytes
+    assert bench._stream_line({"stream_threshold_bytes": threshold}) in out
+    assert bench._stream_line({"stream_threshold_bytes": None}).endswith("(not x86-64)")
 
 
 def test_bench_kernels_cpp_says_when_it_fell_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -565,6 +585,7 @@ def test_bench_kernels_cpp_says_when_it_fell_back(monkeypatch: pytest.MonkeyPatc
         )
     assert report.meta["kernels"] == "torch (fallback)"
     assert report.meta["kernel_build_error"] == "OSError: no g++"
+    assert "stream_threshold_bytes" not in report.meta
     assert [r.path for r in report.results] == ["native kernel"]
     assert report.results[0].copy_target is None
     assert bench.cpp_speedup(report) is None

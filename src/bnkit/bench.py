@@ -271,6 +271,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def _stream_line(meta: dict[str, Any]) -> str:
+    """The header line saying from which output size the C++ kernels stream their stores
+    (``bnkit.kernels.cpp.set_stream_threshold``): it changes the large rows' timings."""
+    threshold = meta.get("stream_threshold_bytes")
+    if threshold is None:
+        return "C++ kernels: no streaming stores on this machine (not x86-64)"
+    return f"C++ kernels: streaming stores for outputs of {threshold / 2**20:g} MiB or more"
+
+
 def machine_info() -> dict[str, Any]:
     """What the timings depend on: CPU, cores, torch threads and versions, date."""
     import bnkit
@@ -715,7 +724,9 @@ def run_benchmark(
 
         if cpp.available():
             meta.update(
-                cpp_copy_targets=dict(CPP_COPY_TARGETS), cpp_speedup_target=CPP_SPEEDUP_TARGET
+                cpp_copy_targets=dict(CPP_COPY_TARGETS),
+                cpp_speedup_target=CPP_SPEEDUP_TARGET,
+                stream_threshold_bytes=cpp.status().stream_threshold_bytes,
             )
         else:
             kernels = "torch"
@@ -900,6 +911,7 @@ def format_table(report: BenchReport, *, markdown: bool = False) -> str:
         f"{m['dtype']}, repeats {m['repeats']}, warmup {m['warmup']}",
         f"load average before/after: {m.get('load_average')} / {m.get('load_average_end')}; "
         f"other processes took {_percent(m.get('other_cpu'))} of the CPUs during the run",
+        *([_stream_line(m)] if "stream_threshold_bytes" in m else []),
         *([_tf_line(m)] if tf else []),
         "",
         line(header),
@@ -1110,7 +1122,9 @@ def run_kernel_benchmark(
     meta = machine_info()
     meta.update(repeats=repeats if repeats is not None else "auto", warmup=warmup)
     meta["kernel_path"] = "cpp" if use_cpp else "torch (fallback)"
-    if not use_cpp:
+    if use_cpp:
+        meta["stream_threshold_bytes"] = cpp.status().stream_threshold_bytes
+    else:
         meta["kernel_build_error"] = cpp.build_error()
     meta.update(tf_meta)
     plan = [
@@ -1203,6 +1217,8 @@ def format_kernel_table(
     ]
     if meta.get("kernel_build_error"):
         out.append(f"C++ build failed: {meta['kernel_build_error']}")
+    if "stream_threshold_bytes" in meta:
+        out.append(_stream_line(meta))
     if tf:
         out.append(_tf_line(meta))
     out += ["", line(header)]

@@ -1327,8 +1327,11 @@ def _constant_adjustment(adjusted: tuple[Tensor | float, Tensor | float]) -> Adj
 
 def _renorm_bounds(clipping: dict[str, float] | None) -> list[float | None]:
     """``renorm_clipping`` as the kernels take it: ``[rmin, rmax, dmax]``, None = no bound."""
-    clip = clipping or {}
-    return [None if clip.get(k) is None else float(clip[k]) for k in ("rmin", "rmax", "dmax")]
+    if not clipping:  # the common case, on every renorm step of the layers' one-call path
+        return [None, None, None]
+    return [
+        None if clipping.get(k) is None else float(clipping[k]) for k in ("rmin", "rmax", "dmax")
+    ]
 
 
 def _cpp_sample_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor | None:

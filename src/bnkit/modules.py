@@ -672,7 +672,7 @@ class BatchNorm(nn.Module):
         if not self.track_running_stats or running_mean is None or running_var is None:
             return None
         if numel == 0:
-            return None
+            return None  # an empty batch: forward() counts it without statistics
         xt = x.movedim(a, 1) if a != 1 else x
         relu = activation == "relu"
         if not self.training or b.get("frozen") is not None:
@@ -728,8 +728,7 @@ class BatchNorm(nn.Module):
             return None
         nonfinite = get_policy_eager("nonfinite", layer)
         guard = nonfinite != "update"
-        clipping = self.renorm_clipping
-        rmin, rmax, dmax = bnf._renorm_bounds(clipping) if clipping else (None, None, None)
+        rmin, rmax, dmax = bnf._renorm_bounds(self.renorm_clipping)
         out = cpp.train(
             xt,
             weight,

@@ -141,11 +141,11 @@ def get_policy(name: str, layer: Mapping[str, str] | None = None) -> str:
     """The policy in force: the layer's own, else the block's, else the global default."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; the policies are {sorted(POLICIES)}")
+    if not torch.compiler.is_compiling():
+        return get_policy_eager(name, layer or {})
     if layer and name in layer:
         return layer[name]
-    if torch.compiler.is_compiling():
-        return _scoped_compiled.get(name, _global[name])
-    return _scoped.get().get(name, _global[name])
+    return _scoped_compiled.get(name, _global[name])
 
 
 def get_policy_eager(name: str, layer: Mapping[str, str]) -> str:

@@ -553,12 +553,7 @@ def set_pool_limit(nbytes: int) -> int:
     Raises:
         ValueError: a negative ``nbytes``.
     """
-    if nbytes < 0:
-        raise ValueError(f"the pool limit is a number of bytes >= 0, got {nbytes}")
-    if not _state["loaded"]:
-        load()
-    old: int = torch.ops.bnkit.pool_set_limit(int(nbytes))
-    return old
+    return _set_bytes("pool_set_limit", "the pool limit", nbytes)
 
 
 def set_stream_threshold(nbytes: int) -> int:
@@ -575,9 +570,14 @@ def set_stream_threshold(nbytes: int) -> int:
     Raises:
         ValueError: a negative ``nbytes``.
     """
+    return _set_bytes("stream_set_threshold", "the stream threshold", nbytes)
+
+
+def _set_bytes(op: str, what: str, nbytes: int) -> int:
+    """Call the size-setting operator ``bnkit::<op>`` with ``nbytes``; returns its old value."""
     if nbytes < 0:
-        raise ValueError(f"the stream threshold is a number of bytes >= 0, got {nbytes}")
+        raise ValueError(f"{what} is a number of bytes >= 0, got {nbytes}")
     if not _state["loaded"]:
         load()
-    old: int = torch.ops.bnkit.stream_set_threshold(int(nbytes))
+    old: int = getattr(torch.ops.bnkit, op)(int(nbytes))
     return old

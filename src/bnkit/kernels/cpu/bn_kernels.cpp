@@ -1502,11 +1502,10 @@ struct RunningRule {
   bool biased = false;             // feed the biased batch variance (TF) instead of Bessel's
 };
 
-// One buffer's next values, in the buffer's dtype: value[ch] becomes old + w·(value − old)
-// (exact in double once rounded to the buffer's dtype). Returns whether all are finite.
-// value[ch] := old + w·(value[ch] − old), rounded to the buffer's dtype S; true when every result
-// is finite. Σ next·0 is 0 when every value is finite and NaN otherwise (inf·0 and NaN·0 are
-// NaN): a finiteness test without a branch per channel, so the loop vectorizes.
+// One buffer's next values, in the buffer's dtype S: value[ch] := old + w·(value[ch] − old),
+// rounded to S (exact in double afterwards); true when every result is finite. Σ next·0 is 0
+// when every value is finite and NaN otherwise (inf·0 and NaN·0 are NaN): a finiteness test
+// without a branch per channel, so the loop vectorizes.
 template <typename S>
 static bool next_values_of(const S* p, double* v, int64_t n, double w) {
   double poison = 0.0;
@@ -1693,10 +1692,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         train_forward<T, false>(g, f, y.data_ptr<T>(), stream, mean.get(), var.get(), rp, dp);
       }
     });
-  } else {  // an empty input has no statistics: zeros, as before
-    std::fill(mean.get(), mean.get() + width, 0.0);
-    std::fill(var.get(), var.get() + width, 0.0);
-  }
+  }  // else C = 0 (input without values is rejected above): no statistics to write
   bool applied = true;
   if (has(running_mean) && g.c > 0 && g.x.numel() > 0) {
     RunningRule rule;
@@ -1798,17 +1794,17 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
                              es = spread(g, e, kt);
         for_each_sample_run(g, c0, [&](int64_t off, int64_t gh) {
           const int64_t at = gh * len;
-          if (g.weighted()) {
-            weighted_grad_row<T, A, Relu>(x + off, dy + off, y + off, gx + off, len,
-                                             ms.data() + at, as.data() + at, bs.data() + at,
-                                             es.data() + at, *g.weights_at<A>(off / plane, 0));
-          } else {
-            write_run(stream, gx + off, len, [&](T* out, int64_t k, int64_t count) {
-              const int64_t o = off + k, q = at + k;
+          write_run(stream, gx + off, len, [&](T* out, int64_t k, int64_t count) {
+            const int64_t o = off + k, q = at + k;
+            if (g.weighted()) {
+              weighted_grad_row<T, A, Relu>(x + o, dy + o, y + o, out, count, ms.data() + q,
+                                            as.data() + q, bs.data() + q, es.data() + q,
+                                            *g.weights_at<A>(off / plane, 0));
+            } else {
               grad_row<T, A, Relu>(x + o, dy + o, y + o, out, count, ms.data() + q,
                                    as.data() + q, bs.data() + q, es.data() + q);
-            });
-          }
+            }
+          });
         });
         stream_fence();
         return;
@@ -2188,6 +2184,45 @@ static bool needs_autograd(std::initializer_list<const at::Tensor*> inputs) {
   return false;
 }
 
+// bn_train's CPU kernel called below autograd (from TrainFunction, or directly when no
+// gradient can flow), with the in-place updated buffers' version counters bumped.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+train_below_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, double eps, int64_t ghosts,
+                     bool strided, const std::optional<at::Tensor>& renorm_mean,
+                     const std::optional<at::Tensor>& renorm_std, std::optional<double> rmin,
+                     std::optional<double> rmax, std::optional<double> dmax, bool relu,
+                     const std::optional<at::Tensor>& running_mean,
+                     const std::optional<at::Tensor>& running_var, double momentum,
+                     const std::optional<at::Tensor>& sample_weight,
+                     const std::optional<at::Tensor>& num_batches_tracked, bool guard,
+                     const std::optional<at::Tensor>& running_std, double renorm_momentum,
+                     bool biased) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnkit::bn_train", "")
+                       .typed<decltype(bn_train)>();
+  auto out = op.call(x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax,
+                     dmax, relu, running_mean, running_var, momentum, sample_weight,
+                     num_batches_tracked, guard, running_std, renorm_momentum, biased);
+  bump_buffer_versions(running_mean, running_var, num_batches_tracked, running_std, renorm_mean,
+                       renorm_std);
+  return out;
+}
+
+// bn_eval's CPU kernel called below autograd (from EvalFunction, or directly).
+static at::Tensor eval_below_autograd(const at::Tensor& x, const at::Tensor& mean,
+                                      const at::Tensor& var,
+                                      const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias, double eps,
+                                      bool relu) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bnkit::bn_eval", "")
+                       .typed<decltype(bn_eval)>();
+  return op.call(x, mean, var, weight, bias, eps, relu);
+}
+
 class TrainFunction : public torch::autograd::Function<TrainFunction> {
  public:
   static torch::autograd::variable_list forward(
@@ -2200,16 +2235,10 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
       double momentum, const std::optional<at::Tensor>& sample_weight,
       const std::optional<at::Tensor>& num_batches_tracked, bool guard,
       const std::optional<at::Tensor>& running_std, double renorm_momentum, bool biased) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnkit::bn_train", "")
-                         .typed<decltype(bn_train)>();
-    auto [y, mean, var, r, d, updated] =
-        op.call(x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax, dmax,
-                relu, running_mean, running_var, momentum, sample_weight, num_batches_tracked,
-                guard, running_std, renorm_momentum, biased);
-    bump_buffer_versions(running_mean, running_var, num_batches_tracked, running_std,
-                         renorm_mean, renorm_std);
+    auto [y, mean, var, r, d, updated] = train_below_autograd(
+        x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax, dmax, relu,
+        running_mean, running_var, momentum, sample_weight, num_batches_tracked, guard,
+        running_std, renorm_momentum, biased);
     const bool renorm = has(renorm_std);
     // r and d are saved from the forward: the renorm buffers are updated in place after it.
     ctx->save_for_backward({x, has(weight) ? *weight : at::Tensor(), mean, var,
@@ -2351,16 +2380,10 @@ bn_train_autograd(
   if (!needs_autograd({&input, ptr(weight), ptr(bias), ptr(renorm_mean), ptr(renorm_std),
                        ptr(running_mean), ptr(running_var), ptr(sample_weight),
                        ptr(num_batches_tracked), ptr(running_std)})) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnkit::bn_train", "")
-                         .typed<decltype(bn_train)>();
-    auto out = op.call(input, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin,
-                       rmax, dmax, relu, running_mean, running_var, momentum, sample_weight,
-                       num_batches_tracked, guard, running_std, renorm_momentum, biased);
-    bump_buffer_versions(running_mean, running_var, num_batches_tracked, running_std,
-                         renorm_mean, renorm_std);
-    return out;
+    return train_below_autograd(input, weight, bias, eps, ghosts, strided, renorm_mean,
+                                renorm_std, rmin, rmax, dmax, relu, running_mean, running_var,
+                                momentum, sample_weight, num_batches_tracked, guard, running_std,
+                                renorm_momentum, biased);
   }
   auto out = TrainFunction::apply(input, weight, bias, eps, ghosts, strided, renorm_mean,
                                   renorm_std, rmin, rmax, dmax, relu, running_mean, running_var,
@@ -2379,11 +2402,7 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mean,
       const at::Tensor& var, const std::optional<at::Tensor>& weight,
       const std::optional<at::Tensor>& bias, double eps, bool relu) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnkit::bn_eval", "")
-                         .typed<decltype(bn_eval)>();
-    at::Tensor y = op.call(x, mean, var, weight, bias, eps, relu);
+    at::Tensor y = eval_below_autograd(x, mean, var, weight, bias, eps, relu);
     ctx->save_for_backward(
         {x, mean, var, has(weight) ? *weight : at::Tensor(), relu ? y : at::Tensor()});
     ctx->saved_data["eps"] = eps;
@@ -2442,11 +2461,7 @@ at::Tensor bn_eval_autograd(const at::Tensor& input, const at::Tensor& mean,
   const at::Tensor none;
   auto ptr = [&](const std::optional<at::Tensor>& t) { return has(t) ? &*t : &none; };
   if (!needs_autograd({&input, &mean, &var, ptr(weight), ptr(bias)})) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnkit::bn_eval", "")
-                         .typed<decltype(bn_eval)>();
-    return op.call(input, mean, var, weight, bias, eps, relu);
+    return eval_below_autograd(input, mean, var, weight, bias, eps, relu);
   }
   return EvalFunction::apply(input, mean, var, weight, bias, eps, relu)[0];
 }

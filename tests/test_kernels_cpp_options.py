@@ -45,6 +45,9 @@ CASES = [
     ((2052, 2, 3), "contiguous"),
     ((4, 3, 48, 48), "contiguous"),  # inner > 2048: two runs per (sample, channel)
     ((8, 40, 20, 20), "channels_last"),  # rows: a ghost spans several row pieces
+    # rows in ghosts small enough for the cache (float32): one task per ghost, which sums,
+    # finishes and normalizes it; with two ghosts each spans two row pieces (128 + 16 rows)
+    ((8, 512, 6, 6), "channels_last"),
     ((12, 1, 6, 7), "contiguous"),  # C = 1
     ((12, 5, 1, 1), "contiguous"),  # HW = 1 (rows: inner == 1)
     ((12, 5, 1, 1), "channels_last"),

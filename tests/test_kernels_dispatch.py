@@ -431,6 +431,69 @@ def test_sample_weights_with_ghosts_match_the_reference(
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.usefixtures("built", "threads")
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("weights", ["none", "per-sample", "per-position"])
+@pytest.mark.parametrize(
+    ("shape", "vbs"),
+    [((8, 512, 6, 6), 4), ((64, 1024), 8)],
+    ids=["cl-two-pieces-per-ghost", "2d-eight-ghosts"],
+)
+def test_cache_sized_ghosts_of_rows_match_the_reference_in_float32(
+    shape: tuple[int, ...], vbs: int, weights: str, relu: bool, calls: dict[str, int]
+) -> None:
+    """Rows (channels-last, 2-D) in contiguous ghost batches that fit a core's cache run one
+    task per ghost: sums, statistics, coefficients and the second pass (y, then dx) together.
+    In float32 each channels-last ghost of 4 samples x 36 positions spans two row pieces of at
+    most 128 rows, the second starting mid-sample, so the per-position weights are stepped from
+    there. Checked against the float64 composite on the same float32 values."""
+    gen = torch.Generator().manual_seed(5)
+    f64 = torch.float64
+    x64 = torch.randn(shape, generator=gen, dtype=f64) * 2 + 0.7
+    x = x64.float()
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    n, c = shape[:2]
+    w: torch.Tensor | None = None
+    if weights == "per-sample":
+        w = torch.rand(n, generator=gen, dtype=f64) + 0.3
+    elif weights == "per-position":
+        w = (torch.rand(n, 1, *shape[2:], generator=gen, dtype=f64) > 0.3).double() + 0.1
+    gamma = torch.rand(c, generator=gen, dtype=f64) + 0.5
+    beta = torch.randn(c, generator=gen, dtype=f64)
+    dy = torch.randn(shape, generator=gen, dtype=f64)
+    options: dict[str, Any] = {
+        "training": True,
+        "momentum": 0.2,
+        "eps": 1e-3,
+        "weights": w,
+        "virtual_batch_size": vbs,
+        "return_stats": True,
+    }
+    if relu:
+        # No gradient where the ReLU's input is within 1e-4 of its kink, where float32 and
+        # float64 may legitimately take different sides.
+        pre = bnf.batch_norm(x.double(), None, None, gamma, beta, **options)[0]
+        dy = dy * (pre.abs() > 1e-4)
+        options["activation"] = "relu"
+    results = []
+    for impl, dtype in (("reference", f64), ("cpp", torch.float32)):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (x, gamma, beta)]
+        rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+        wi = None if w is None else w.to(dtype)
+        options["weights"] = wi
+        y, stats = bnf.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], impl=impl, **options)
+        grads = torch.autograd.grad(y, leaves, dy.to(dtype))
+        results.append([t.double() for t in (y, *grads, rm, rv, stats.mean, stats.var)])
+    assert calls["train"] == 1  # the kernels ran for impl="cpp"
+    assert results[1][0].shape == shape
+    names = ["y", "dx", "dgamma", "dbeta", "running_mean", "running_var", "mean", "var"]
+    for name, got, want in zip(names, results[1], results[0], strict=True):
+        # dgamma and dbeta sum n/ghost values of size ~1 per channel: float32 rounding of sums.
+        atol = 2e-3 if name in ("dgamma", "dbeta") else 2e-5
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=name)
+
+
 @pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("vbs", [None, 2], ids=["no-ghosts", "ghosts"])
 @pytest.mark.parametrize("kind", ["mask", "per-sample"])

@@ -442,8 +442,9 @@ static int num_threads() { return at::in_parallel_region() ? 1 : std::max(1, at:
 // each sample the tile's channels are one contiguous run of k·inner values, long enough for
 // the hardware prefetcher even when inner is 7x7. 0: no tiling (the channels-last/2-D
 // layouts, a channel too large for the cache, or too few channels to keep every thread busy).
+constexpr int64_t kTileBytes = int64_t(1) << 20;
+
 static int64_t tile_channels(const Geometry& g, int64_t tensors) {
-  constexpr int64_t kTileBytes = int64_t(1) << 20;
   const int64_t t = num_threads();
   // Weights per position (masks) take the two-pass route; per-sample weights scale a run.
   if (g.rows || g.c < t || (g.weighted() && !g.per_sample)) return 0;
@@ -550,14 +551,26 @@ static void for_each_sample_run(const Geometry& g, int64_t c0, F&& f) {
   for (int64_t s = 0; s < g.n; ++s) f((s * g.c + c0) * g.inner, g.ghost_of(s));
 }
 
+// Whether the rows layout sums each ghost batch in one task (two or more ghosts, at least one
+// per thread). row_sums() and ghost_local() both ask here: the per-ghost sums and the
+// per-thread sums (ThreadSums) differ in their last bits, and the two routes of a pass must
+// give the same bits.
+static bool ghost_per_task(const Geometry& g) {
+  return g.ghosts > 1 && g.ghosts >= num_threads();
+}
+
 // Rows layout: pieces of at most `run` rows that stay within one ghost.
 struct RowPiece {
   int64_t ghost, begin, end;
 };
 
+// Rows per piece: at most kChunk (the precision rule) and about 64K values.
+static int64_t row_run(const Geometry& g) {
+  return std::max<int64_t>(1, std::min<int64_t>(kChunk, 65536 / std::max<int64_t>(g.c, 1)));
+}
+
 static std::vector<RowPiece> row_pieces(const Geometry& g) {
-  const int64_t run =
-      std::max<int64_t>(1, std::min<int64_t>(kChunk, 65536 / std::max<int64_t>(g.c, 1)));
+  const int64_t run = row_run(g);  // local_ghost_sums() cuts contiguous ghosts the same way
   std::vector<RowPiece> pieces;
   auto split = [&](int64_t ghost, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r += run) pieces.push_back({ghost, r, std::min(end, r + run)});
@@ -625,15 +638,46 @@ class ThreadSums {
   std::vector<double> t1_, t2_;
 };
 
-// Sums per (ghost, channel) over the rows layout: piece(p, q1, q2, begin, end, ghost) adds its
+// One ghost's sums over the rows layout into d1, d2 (C doubles each, written whole): piece
+// at(j) of `count` is summed by piece(q1, q2, begin, end, ghost) into the accumulation-type
+// arrays q1, q2 (C values each), which are then stored (the first piece: no zeroing) or added
+// in double. Every path that sums a ghost's rows goes through here, so they agree bit for bit.
+template <typename A, typename PieceAt, typename F>
+static void ghost_sums(int64_t cc, int64_t count, PieceAt&& at, A* q1, A* q2, double* d1,
+                       double* d2, F&& piece) {
+  for (int64_t j = 0; j < count; ++j) {
+    const RowPiece p = at(j);
+    std::fill(q1, q1 + cc, A(0));
+    std::fill(q2, q2 + cc, A(0));
+    piece(q1, q2, p.begin, p.end, p.ghost);
+    if (j == 0) {
+#pragma omp simd
+      for (int64_t ch = 0; ch < cc; ++ch) {
+        d1[ch] = q1[ch];
+        d2[ch] = q2[ch];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t ch = 0; ch < cc; ++ch) {
+        d1[ch] += q1[ch];
+        d2[ch] += q2[ch];
+      }
+    }
+  }
+  if (count == 0) {  // a ghost without rows (no values): zero sums
+    std::fill(d1, d1 + cc, 0.0);
+    std::fill(d2, d2 + cc, 0.0);
+  }
+}
+
+// Sums per (ghost, channel) over the rows layout: piece(q1, q2, begin, end, ghost) adds its
 // rows into the accumulation-type arrays q1, q2 (C values each); the pieces' sums are added in
 // double per thread, then over threads, into s1, s2 (ghosts * C values).
 template <typename A, typename F>
 static void row_sums(const Geometry& g, double* s1, double* s2, F&& piece) {
   const std::vector<RowPiece> pieces = row_pieces(g);
   const int64_t cc = g.c, width = g.ghosts * cc;
-  const int threads = num_threads();
-  if (g.ghosts >= threads && g.ghosts > 1) {
+  if (ghost_per_task(g)) {
     // One task per ghost, adding its pieces straight into its own slot: no per-thread copies
     // of the (ghosts, C) sums to zero and add up.
     std::vector<std::vector<int64_t>> of_ghost(g.ghosts);
@@ -643,33 +687,10 @@ static void row_sums(const Geometry& g, double* s1, double* s2, F&& piece) {
     parallel(g, 0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> q1(cc), q2(cc);
       for (int64_t gh = begin; gh < end; ++gh) {
-        double* d1 = s1 + gh * cc;
-        double* d2 = s2 + gh * cc;
-        bool first = true;  // the ghost's first piece is stored, the others added: no zeroing
-        for (const int64_t i : of_ghost[gh]) {
-          const RowPiece& p = pieces[i];
-          std::fill(q1.begin(), q1.end(), A(0));
-          std::fill(q2.begin(), q2.end(), A(0));
-          piece(q1.data(), q2.data(), p.begin, p.end, p.ghost);
-          if (first) {
-#pragma omp simd
-            for (int64_t ch = 0; ch < cc; ++ch) {
-              d1[ch] = q1[ch];
-              d2[ch] = q2[ch];
-            }
-          } else {
-#pragma omp simd
-            for (int64_t ch = 0; ch < cc; ++ch) {
-              d1[ch] += q1[ch];
-              d2[ch] += q2[ch];
-            }
-          }
-          first = false;
-        }
-        if (first) {  // a ghost without rows (no values): zero sums
-          std::fill(d1, d1 + cc, 0.0);
-          std::fill(d2, d2 + cc, 0.0);
-        }
+        const std::vector<int64_t>& mine = of_ghost[gh];
+        ghost_sums<A>(
+            cc, static_cast<int64_t>(mine.size()), [&](int64_t j) { return pieces[mine[j]]; },
+            q1.data(), q2.data(), s1 + gh * cc, s2 + gh * cc, piece);
       }
     });
     return;
@@ -1123,6 +1144,30 @@ static inline void finish_stats(double k, double s1, double s2, double count, do
   var = std::max(s2 / count - d * d, 0.0);
 }
 
+// finish_stats() for one ghost's C channels (shifts k, sums s1, s2; count values or weight).
+// mean and var may be s1 and s2 themselves.
+template <typename A>
+static inline void finish_ghost(int64_t cc, const A* k, const double* s1, const double* s2,
+                              double count, double* mean, double* var) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    finish_stats(static_cast<double>(k[ch]), s1[ch], s2[ch], count, mean[ch], var[ch]);
+  }
+}
+
+// Adds rows [begin, end) of the rows layout, shifted by the ghost's k, into q1, q2: Σ w·d and
+// Σ w·d², with each row's sample weight when weighted (w = 1 otherwise).
+template <typename T, typename A>
+static void row_piece_sums(const Geometry& g, const T* x, int64_t begin, int64_t end, const A* k,
+                           A* q1, A* q2) {
+  if (g.weighted()) {
+    RowWeights<A> weights(g, begin);
+    summed_rows<T, A, true>(x, g.c, begin, end, k, &weights, q1, q2);
+  } else {
+    shifted_row_sums<T, A>(x, g.c, begin, end, k, q1, q2);
+  }
+}
+
 // ------------------------------------------------------------------------------ statistics
 
 // Mean and biased variance per (ghost, channel) into mean, var (ghosts * C doubles).
@@ -1138,14 +1183,9 @@ static void statistics(const Geometry& g, const T* x, double* mean, double* var)
     for (int64_t ch = 0; ch < cc; ++ch) k[gh * cc + ch] = static_cast<A>(x[first + ch * step]);
   }
   const auto s1 = scratch<double>(width), s2 = scratch<double>(width);
-  if (g.rows && g.weighted()) {
+  if (g.rows) {
     row_sums<A>(g, s1.get(), s2.get(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
-      RowWeights<A> weights(g, begin);
-      summed_rows<T, A, true>(x, cc, begin, end, k.get() + gh * cc, &weights, q1, q2);
-    });
-  } else if (g.rows) {
-    row_sums<A>(g, s1.get(), s2.get(), [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
-      shifted_row_sums<T, A>(x, cc, begin, end, k.get() + gh * cc, q1, q2);
+      row_piece_sums<T, A>(g, x, begin, end, k.get() + gh * cc, q1, q2);
     });
   } else if (!g.weighted()) {
     block_sums<A>(g, s1.get(), s2.get(),
@@ -1171,13 +1211,9 @@ static void statistics(const Geometry& g, const T* x, double* mean, double* var)
                   });
   }
   for (int64_t gh = 0; gh < g.ghosts; ++gh) {
-    const double count = g.denominator(gh);
     const int64_t o = gh * cc;
-#pragma omp simd
-    for (int64_t ch = 0; ch < cc; ++ch) {
-      finish_stats(static_cast<double>(k[o + ch]), s1[o + ch], s2[o + ch], count, mean[o + ch],
-                   var[o + ch]);
-    }
+    finish_ghost(cc, k.get() + o, s1.get() + o, s2.get() + o, g.denominator(gh), mean + o,
+                 var + o);
   }
 }
 
@@ -1246,6 +1282,98 @@ static void forward_coefficients(const Affine& f, int64_t ghosts, int64_t cc, in
 }
 
 // ------------------------------------------------------------------------------ forward
+// Per channel: renorm's r and d (1 and 0 without renorm; into r, d when they are not null),
+// then γ·r and γ·d + β into gr, gb, the factors that ghost_coefficients() applies to every ghost.
+static void channel_factors(const Affine& f, int64_t ghosts, int64_t cc, const double* mean,
+                          const double* var, double* r, double* d, double* gr, double* gb) {
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    const auto [rc, dc] = renorm_factors(f, ghosts, cc, ch, mean, var);
+    if (r != nullptr) {
+      r[ch] = rc;
+      d[ch] = dc;
+    }
+    gr[ch] = f.gamma(ch) * rc;
+    gb[ch] = f.gamma(ch) * dc + f.beta(ch);
+  }
+}
+
+// One ghost's y = (x - m)·a + b coefficients for its C channels, as coefficient() computes
+// them with γ·r and γ·d + β hoisted (gr, gb): contiguous, so the square roots and divisions
+// vectorize.
+template <typename A>
+static inline void ghost_coefficients(int64_t cc, const double* mean, const double* var,
+                                    const double* gr, const double* gb, double eps, A* m, A* a,
+                                    A* b) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    m[ch] = static_cast<A>(mean[ch]);
+    a[ch] = static_cast<A>(gr[ch] / std::sqrt(var[ch] + eps));
+    b[ch] = static_cast<A>(gb[ch]);
+  }
+}
+
+// Rows layout in contiguous ghost batches (virtual_batch_size with ghost_layout="contiguous")
+// small enough for a core's cache, at least one per thread (2-D input, channels-last input in
+// small ghosts): each ghost is then a tile of its own. A task takes whole ghosts and, per
+// ghost, sums its rows, finishes its statistics and coefficients, and makes its second pass
+// (normalize, or dx) while the rows are still cached. The two-pass route instead stores
+// (ghosts × C) coefficient arrays between the passes and reads three of them back with every
+// row (16 ghosts of 256x1024: 192 KiB of coefficients, three values per input value).
+static bool ghost_local(const Geometry& g, int64_t tensors) {
+  if (!g.rows || g.strided || !ghost_per_task(g)) return false;
+  const int64_t ghost_bytes = g.per_ghost() * g.inner * g.c * g.x.element_size();
+  return ghost_bytes * (tensors + 1) <= kTileBytes;
+}
+
+// One ghost's sums over its own rows (ghost_local()), cut into pieces of row_run() rows from
+// the ghost's first row: exactly as row_pieces() cuts a contiguous ghost (the two must agree
+// for the same bits); see ghost_sums().
+template <typename A, typename F>
+static void local_ghost_sums(const Geometry& g, int64_t gh, A* q1, A* q2, double* d1,
+                             double* d2, F&& piece) {
+  const int64_t rows = g.per_ghost() * g.inner, r0 = gh * rows, run = row_run(g);
+  auto at = [&](int64_t j) {
+    return RowPiece{gh, r0 + j * run, std::min(r0 + rows, r0 + (j + 1) * run)};
+  };
+  ghost_sums<A>(g.c, (rows + run - 1) / run, at, q1, q2, d1, d2, piece);
+}
+
+// Forward of ghost_local() geometries, without renorm (its r and d need every ghost first):
+// the same sums, statistics and coefficients as the two-pass route, so the same bits.
+template <typename T, bool Relu>
+static void ghost_local_forward(const Geometry& g, const Affine& f, T* y, bool stream,
+                                double* mean, double* var) {
+  using A = typename Acc<T>::type;
+  const T* x = g.x.const_data_ptr<T>();
+  const int64_t cc = g.c, rows = g.per_ghost() * g.inner;
+  std::vector<double> gr(cc), gb(cc);
+  channel_factors(f, g.ghosts, cc, mean, var, nullptr, nullptr, gr.data(), gb.data());
+  parallel(g, 0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> k(cc), q1(cc), q2(cc), m(cc), a(cc), b(cc);
+    for (int64_t gh = begin; gh < end; ++gh) {
+      const int64_t r0 = gh * rows, r1 = r0 + rows, first = g.first(gh, 0);
+      for (int64_t ch = 0; ch < cc; ++ch) k[ch] = static_cast<A>(x[first + ch]);
+      double* mg = mean + gh * cc;
+      double* vg = var + gh * cc;
+      // The sums go into mean and var and are finished in place.
+      local_ghost_sums<A>(g, gh, q1.data(), q2.data(), mg, vg,
+                          [&](A* p1, A* p2, int64_t lo, int64_t hi, int64_t) {
+                            row_piece_sums<T, A>(g, x, lo, hi, k.data(), p1, p2);
+                          });
+      finish_ghost(cc, k.data(), mg, vg, g.denominator(gh), mg, vg);
+      ghost_coefficients<A>(cc, mg, vg, gr.data(), gb.data(), f.eps, m.data(), a.data(),
+                          b.data());
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t o = row * cc;
+        write_run(stream, y + o, cc, [&](T* out, int64_t at, int64_t count) {
+          affine_row<T, A, Relu>(x + o + at, out, count, m.data() + at, a.data() + at,
+                                 b.data() + at);
+        });
+      }
+    }
+    stream_fence();
+  });
+}
 
 template <typename T, bool Relu>
 static void train_forward(const Geometry& g, const Affine& f, T* y, bool stream, double* mean,
@@ -1320,30 +1448,20 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, bool stream,
     });
     return;
   }
+  if (!f.renorm() && ghost_local(g, 1)) {
+    ghost_local_forward<T, Relu>(g, f, y, stream, mean, var);
+    return;
+  }
   statistics<T>(g, x, mean, var);
   // Renorm's r and d per channel first (they need every ghost), then the (ghosts × C)
-  // coefficients as coefficient() computes them, with γ·r and γ·d + β per channel hoisted,
-  // one ghost's C values at a time: contiguous, so the square roots and divisions vectorize
-  // (with 16 ghosts of a 2-D input a scalar loop took a third of the forward).
+  // coefficients one ghost's C values at a time (with 16 ghosts of a 2-D input a scalar loop
+  // took a third of the forward).
   std::vector<double> gr(cc), gb(cc);
-  for (int64_t ch = 0; ch < cc; ++ch) {
-    const auto [rc, dc] = renorm_factors(f, gs, cc, ch, mean, var);
-    if (r != nullptr) {
-      r[ch] = rc;
-      d[ch] = dc;
-    }
-    gr[ch] = f.gamma(ch) * rc;
-    gb[ch] = f.gamma(ch) * dc + f.beta(ch);
-  }
+  channel_factors(f, gs, cc, mean, var, r, d, gr.data(), gb.data());
   const auto m = scratch<A>(gs * cc), a = scratch<A>(gs * cc), b = scratch<A>(gs * cc);
-  const double eps = f.eps;
   for_each_ghost_row(g, [&](int64_t o) {
-#pragma omp simd
-    for (int64_t ch = 0; ch < cc; ++ch) {
-      m[o + ch] = static_cast<A>(mean[o + ch]);
-      a[o + ch] = static_cast<A>(gr[ch] / std::sqrt(var[o + ch] + eps));
-      b[o + ch] = static_cast<A>(gb[ch]);
-    }
+    ghost_coefficients<A>(cc, mean + o, var + o, gr.data(), gb.data(), f.eps, m.get() + o,
+                        a.get() + o, b.get() + o);
   });
   for_all(
       g,
@@ -1746,6 +1864,82 @@ static void grad_coefficients(const GradTerms& t, int64_t i, int64_t ch, double 
   e = static_cast<A>(ee);
 }
 
+// γ·r per channel (1 where absent): the part of grad_coefficients()' k shared by every ghost.
+static std::vector<double> grad_gains(const GradTerms& t, int64_t cc) {
+  std::vector<double> gamma_r(cc);
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    gamma_r[ch] = (t.weight.empty() ? 1.0 : t.weight[ch]) * (t.r.empty() ? 1.0 : t.r[ch]);
+  }
+  return gamma_r;
+}
+
+// grad_coefficients() for the C channels of the ghost whose (ghost, channel) values start at
+// o, with γ·r hoisted (gamma_r) and the ghost's means mu and sums s1, s2: contiguous, so the
+// loop vectorizes.
+template <typename A>
+static inline void ghost_grad_coefficients(const GradTerms& t, int64_t o, int64_t cc,
+                                         const double* gamma_r, const A* mu, const double* s1,
+                                         const double* s2, double count, A* m, A* a, A* b,
+                                         A* e) {
+  const double* is = t.invstd.data() + o;
+  const double* gm = t.grad_mean.empty() ? nullptr : t.grad_mean.data() + o;
+  const double* gv = t.grad_var.empty() ? nullptr : t.grad_var.data() + o;
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    const double k = gamma_r[ch] * is[ch];
+    double bb = -k * is[ch] * is[ch] * s2[ch] / count;
+    double ee = -k * s1[ch] / count;
+    if (gm != nullptr) ee += gm[ch] / count;
+    if (gv != nullptr) bb += 2.0 * gv[ch] / count;
+    m[ch] = mu[ch];
+    a[ch] = static_cast<A>(k);
+    b[ch] = static_cast<A>(bb);
+    e[ch] = static_cast<A>(ee);
+  }
+}
+
+// Backward of ghost_local() geometries: per ghost, its sums (into s1, s2), coefficients and
+// dx while its rows are cached; the same sums and coefficients as the two-pass route.
+template <typename T, bool Relu>
+static void ghost_local_backward(const Geometry& g, const GradTerms& t, const T* dy, const T* y,
+                                 T* gx, bool stream, double* s1, double* s2) {
+  using A = typename Acc<T>::type;
+  const T* x = g.x.const_data_ptr<T>();
+  const int64_t cc = g.c, rows = g.per_ghost() * g.inner;
+  const std::vector<double> gamma_r = grad_gains(t, cc);
+  parallel(g, 0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> mu(cc), q1(cc), q2(cc), m(cc), a(cc), b(cc), e(cc);
+    for (int64_t gh = begin; gh < end; ++gh) {
+      const int64_t o = gh * cc, r0 = gh * rows, r1 = r0 + rows;
+      for (int64_t ch = 0; ch < cc; ++ch) mu[ch] = static_cast<A>(t.mean[o + ch]);
+      local_ghost_sums<A>(g, gh, q1.data(), q2.data(), s1 + o, s2 + o,
+                          [&](A* p1, A* p2, int64_t lo, int64_t hi, int64_t) {
+                            grad_row_sums<T, A, Relu>(x, dy, y, cc, lo, hi, mu.data(), p1, p2);
+                          });
+      ghost_grad_coefficients<A>(t, o, cc, gamma_r.data(), mu.data(), s1 + o, s2 + o,
+                               g.denominator(gh), m.data(), a.data(), b.data(), e.data());
+      std::optional<RowWeights<A>> weights;
+      if (g.weighted()) weights.emplace(g, r0);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t o_row = row * cc;
+        // Weighted: the correction terms are scaled by the row's weight (the sums are not).
+        const A wr = weights ? weights->next() : A(1);
+        write_run(stream, gx + o_row, cc, [&](T* out, int64_t at, int64_t count) {
+          const int64_t p = o_row + at;
+          if (weights) {
+            weighted_grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m.data() + at,
+                                          a.data() + at, b.data() + at, e.data() + at, wr);
+          } else {
+            grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m.data() + at,
+                                 a.data() + at, b.data() + at, e.data() + at);
+          }
+        });
+      }
+    }
+    stream_fence();
+  });
+}
+
 template <typename T, bool Relu>
 static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, const T* y, T* gx,
                            double* s1, double* s2) {
@@ -1823,6 +2017,10 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
     });
     return;
   }
+  if (ghost_local(g, 2)) {
+    ghost_local_backward<T, Relu>(g, t, dy, y, gx, stream, s1, s2);
+    return;
+  }
   const int64_t width = gs * cc;
   const auto mu = scratch<A>(width);
   for (int64_t i = 0; i < width; ++i) mu[i] = static_cast<A>(t.mean[i]);
@@ -1837,32 +2035,14 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
                                                  mu[gh * cc + ch], a1, a2);
                          });
   }
-  // grad_coefficients() for every (ghost, channel), with γ·r per channel hoisted, one ghost's
-  // C values at a time so that the loop vectorizes.
-  std::vector<double> gamma_r(cc);
-  for (int64_t ch = 0; ch < cc; ++ch) {
-    gamma_r[ch] = (t.weight.empty() ? 1.0 : t.weight[ch]) * (t.r.empty() ? 1.0 : t.r[ch]);
-  }
-  const double* gm = t.grad_mean.empty() ? nullptr : t.grad_mean.data();
-  const double* gv = t.grad_var.empty() ? nullptr : t.grad_var.data();
+  // grad_coefficients() for every (ghost, channel), one ghost's C values at a time.
+  const std::vector<double> gamma_r = grad_gains(t, cc);
   const auto m = scratch<A>(width), a = scratch<A>(width), b = scratch<A>(width),
              e = scratch<A>(width);
   for_each_ghost_row(g, [&](int64_t o) {
-    const double count = g.denominator(o / cc);
-#pragma omp simd
-    for (int64_t ch = 0; ch < cc; ++ch) {
-      const int64_t i = o + ch;
-      const double is = t.invstd[i];
-      const double k = gamma_r[ch] * is;
-      double bb = -k * is * is * s2[i] / count;
-      double ee = -k * s1[i] / count;
-      if (gm != nullptr) ee += gm[i] / count;
-      if (gv != nullptr) bb += 2.0 * gv[i] / count;
-      m[i] = mu[i];
-      a[i] = static_cast<A>(k);
-      b[i] = static_cast<A>(bb);
-      e[i] = static_cast<A>(ee);
-    }
+    ghost_grad_coefficients<A>(t, o, cc, gamma_r.data(), mu.get() + o, s1 + o, s2 + o,
+                             g.denominator(o / cc), m.get() + o, a.get() + o, b.get() + o,
+                             e.get() + o);
   });
   if (g.weighted()) {
     // dx = γ·invstd·(dy' - w·(Σdy'/W + x̂·Σdy'·x̂/W)): the mean and variance move with

@@ -376,14 +376,20 @@ static bool has(const std::optional<at::Tensor>& t);
 
 // Values of a tensor as a contiguous std::vector<T> (empty when t is absent), read in place
 // (no conversion tensors: these are per-call costs on small inputs).
+// q[i] = p[i] in q's type (a helper: omp simd cannot stand inside AT_DISPATCH's lambda).
+template <typename S, typename T>
+static void converted(const S* p, T* q, size_t n) {
+#pragma omp simd
+  for (size_t i = 0; i < n; ++i) q[i] = static_cast<T>(p[i]);
+}
+
 template <typename T>
 static std::vector<T> values_of(const std::optional<at::Tensor>& t) {
   if (!has(t)) return {};
   const at::Tensor c = t->is_contiguous() ? *t : t->contiguous();
   std::vector<T> out(static_cast<size_t>(c.numel()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bnkit_values", [&] {
-    const scalar_t* p = c.const_data_ptr<scalar_t>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<T>(p[i]);
+    converted(c.const_data_ptr<scalar_t>(), out.data(), out.size());
   });
   return out;
 }
@@ -2205,14 +2211,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
       }
     });
   }
-  // dβ = Σ_g S1; dγ = Σ_g (r·invstd·S2 + d·S1), the gradient of γ·(x̂·r + d).
+  // dβ = Σ_g S1; dγ = Σ_g (r·invstd·S2 + d·S1), the gradient of γ·(x̂·r + d); one ghost's
+  // C channels at a time, so the loop vectorizes.
   std::vector<double> gb(g.c, 0.0), gw(g.c, 0.0);
+  const std::vector<double> rs = t.r.empty() ? std::vector<double>(g.c, 1.0) : t.r;
+  const std::vector<double> ds = t.d.empty() ? std::vector<double>(g.c, 0.0) : t.d;
+  double* const pb = gb.data();
+  double* const pw = gw.data();
   for (int64_t gh = 0; gh < g.ghosts; ++gh) {
+    const int64_t o = gh * g.c;
+    const double* const is = t.invstd.data() + o;
+    const double* const u1 = s1.data() + o;
+    const double* const u2 = s2.data() + o;
+#pragma omp simd
     for (int64_t ch = 0; ch < g.c; ++ch) {
-      const int64_t i = gh * g.c + ch;
-      const double rr = t.r.empty() ? 1.0 : t.r[ch], dd = t.d.empty() ? 0.0 : t.d[ch];
-      gb[ch] += s1[i];
-      gw[ch] += rr * t.invstd[i] * s2[i] + dd * s1[i];
+      pb[ch] += u1[ch];
+      pw[ch] += rs[ch] * is[ch] * u2[ch] + ds[ch] * u1[ch];
     }
   }
   const auto out = stats_dtype(dtype);
@@ -2350,15 +2364,21 @@ static bool plain_cpu_tensor(const at::Tensor& t) {
 // caches. The same arithmetic in var's dtype (eps rounded to it, a correctly rounded add,
 // square root and division, as ATen's CPU kernels compute them), so the eager gradient equals
 // the one of a traced graph, which keeps the ATen operations (torch.compile's backward).
+// q[i] = 1/sqrt(p[i] + e), vectorized (a scalar loop cost 10 µs per backward with 16 ghosts of
+// 1024 channels).
+template <typename S>
+static void inverse_std_values(const S* p, S* q, int64_t n, S e) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) q[i] = S(1) / std::sqrt(p[i] + e);
+}
+
 static at::Tensor inverse_std(const at::Tensor& var, double eps) {
   if (!plain_cpu_tensor(var)) return at::rsqrt(var + eps);
   const at::Tensor v = var.contiguous();
   at::Tensor out = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bnkit_inverse_std", [&] {
-    const scalar_t* p = v.const_data_ptr<scalar_t>();
-    scalar_t* q = out.data_ptr<scalar_t>();
-    const scalar_t e = static_cast<scalar_t>(eps);
-    for (int64_t i = 0; i < v.numel(); ++i) q[i] = scalar_t(1) / std::sqrt(p[i] + e);
+    inverse_std_values(v.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), v.numel(),
+                       static_cast<scalar_t>(eps));
   });
   return out;
 }

@@ -367,6 +367,36 @@ WEIGHTED_GHOST_CASES: list[tuple[tuple[int, ...], str, int, bool, str]] = [
 ]
 
 
+def _weighted_ghost_case(
+    seed: int, shape: tuple[int, ...], weights: str, vbs: int
+) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float64 input ~ N(0.7, 2²), the ``batch_norm`` training options with sample weights of
+    the kind named ("per-sample": (N,) in [0.3, 1.3); "per-position": a 0.1/1.1 mask over the
+    non-channel dims; "none") in ``vbs``-sample ghost batches, then γ, β and an upstream
+    gradient, drawn in that order from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    x = torch.randn(shape, generator=gen, dtype=f64) * 2 + 0.7
+    n, c = shape[:2]
+    w: torch.Tensor | None = None
+    if weights == "per-sample":
+        w = torch.rand(n, generator=gen, dtype=f64) + 0.3
+    elif weights == "per-position":
+        w = (torch.rand(n, 1, *shape[2:], generator=gen, dtype=f64) > 0.3).double() + 0.1
+    gamma = torch.rand(c, generator=gen, dtype=f64) + 0.5
+    beta = torch.randn(c, generator=gen, dtype=f64)
+    dy = torch.randn(shape, generator=gen, dtype=f64)
+    options: dict[str, Any] = {
+        "training": True,
+        "momentum": 0.2,
+        "eps": 1e-3,
+        "weights": w,
+        "virtual_batch_size": vbs,
+        "return_stats": True,
+    }
+    return x, options, gamma, beta, dy
+
+
 @pytest.mark.usefixtures("built", "threads")
 @pytest.mark.parametrize("renorm_relu", [False, True], ids=["plain", "renorm-relu"])
 @pytest.mark.parametrize(
@@ -389,28 +419,13 @@ def test_sample_weights_with_ghosts_match_the_reference(
     """Each ghost batch divides by its own total weight (and takes its own Bessel factor in
     the running variance), as the reference composite computes it; float64, so the kernel and
     the closed form agree to rounding."""
-    gen = torch.Generator().manual_seed(12)
-    f64 = torch.float64
-    x = torch.randn(shape, generator=gen, dtype=f64) * 2 + 0.7
+    x, options, gamma, beta, dy = _weighted_ghost_case(12, shape, weights, vbs)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    n, c = shape[:2]
-    if weights == "per-sample":
-        w = torch.rand(n, generator=gen, dtype=f64) + 0.3
-    else:
-        w = (torch.rand(n, 1, *shape[2:], generator=gen, dtype=f64) > 0.3).double() + 0.1
-    gamma = torch.rand(c, generator=gen, dtype=f64) + 0.5
-    beta = torch.randn(c, generator=gen, dtype=f64)
-    dy = torch.randn(shape, generator=gen, dtype=f64)
-    options: dict[str, Any] = {
-        "training": True,
-        "momentum": 0.2,
-        "eps": 1e-3,
-        "weights": w,
-        "virtual_batch_size": vbs,
-        "ghost_layout": "strided" if strided else "contiguous",
-        "return_stats": True,
-    }
+    c = shape[1]
+    gen = torch.Generator().manual_seed(13)
+    f64 = torch.float64
+    options["ghost_layout"] = "strided" if strided else "contiguous"
     if renorm_relu:
         options.update(
             activation="relu",
@@ -447,29 +462,13 @@ def test_cache_sized_ghosts_of_rows_match_the_reference_in_float32(
     In float32 each channels-last ghost of 4 samples x 36 positions spans two row pieces of at
     most 128 rows, the second starting mid-sample, so the per-position weights are stepped from
     there. Checked against the float64 composite on the same float32 values."""
-    gen = torch.Generator().manual_seed(5)
-    f64 = torch.float64
-    x64 = torch.randn(shape, generator=gen, dtype=f64) * 2 + 0.7
+    x64, options, gamma, beta, dy = _weighted_ghost_case(5, shape, weights, vbs)
     x = x64.float()
     if x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    n, c = shape[:2]
-    w: torch.Tensor | None = None
-    if weights == "per-sample":
-        w = torch.rand(n, generator=gen, dtype=f64) + 0.3
-    elif weights == "per-position":
-        w = (torch.rand(n, 1, *shape[2:], generator=gen, dtype=f64) > 0.3).double() + 0.1
-    gamma = torch.rand(c, generator=gen, dtype=f64) + 0.5
-    beta = torch.randn(c, generator=gen, dtype=f64)
-    dy = torch.randn(shape, generator=gen, dtype=f64)
-    options: dict[str, Any] = {
-        "training": True,
-        "momentum": 0.2,
-        "eps": 1e-3,
-        "weights": w,
-        "virtual_batch_size": vbs,
-        "return_stats": True,
-    }
+    c = shape[1]
+    f64 = torch.float64
+    w = options["weights"]
     if relu:
         # No gradient where the ReLU's input is within 1e-4 of its kink, where float32 and
         # float64 may legitimately take different sides.

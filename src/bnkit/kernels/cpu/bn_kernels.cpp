@@ -374,8 +374,6 @@ static void check_vector(const at::Tensor& t, int64_t numel, const char* name) {
 
 static bool has(const std::optional<at::Tensor>& t);
 
-// Values of a tensor as a contiguous std::vector<T> (empty when t is absent), read in place
-// (no conversion tensors: these are per-call costs on small inputs).
 // q[i] = p[i] in q's type (a helper: omp simd cannot stand inside AT_DISPATCH's lambda).
 template <typename S, typename T>
 static void converted(const S* p, T* q, size_t n) {
@@ -383,6 +381,8 @@ static void converted(const S* p, T* q, size_t n) {
   for (size_t i = 0; i < n; ++i) q[i] = static_cast<T>(p[i]);
 }
 
+// Values of a tensor as a contiguous std::vector<T> (empty when t is absent), read in place
+// (no conversion tensors: these are per-call costs on small inputs).
 template <typename T>
 static std::vector<T> values_of(const std::optional<at::Tensor>& t) {
   if (!has(t)) return {};
@@ -1154,7 +1154,7 @@ static inline void finish_stats(double k, double s1, double s2, double count, do
 // mean and var may be s1 and s2 themselves.
 template <typename A>
 static inline void finish_ghost(int64_t cc, const A* k, const double* s1, const double* s2,
-                              double count, double* mean, double* var) {
+                                double count, double* mean, double* var) {
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
     finish_stats(static_cast<double>(k[ch]), s1[ch], s2[ch], count, mean[ch], var[ch]);
@@ -1288,6 +1288,7 @@ static void forward_coefficients(const Affine& f, int64_t ghosts, int64_t cc, in
 }
 
 // ------------------------------------------------------------------------------ forward
+
 // renorm_factors() for all C channels at once, one loop per step so that each vectorizes
 // (the per-channel call, with its square root, divisions and optional clips, took as long as
 // a pass over a 256x1024 input): the same operations in the same order, so the same bits. An
@@ -1353,8 +1354,8 @@ static void channel_factors(const Affine& f, int64_t ghosts, int64_t cc, const d
 // vectorize.
 template <typename A>
 static inline void ghost_coefficients(int64_t cc, const double* mean, const double* var,
-                                    const double* gr, const double* gb, double eps, A* m, A* a,
-                                    A* b) {
+                                      const double* gr, const double* gb, double eps, A* m,
+                                      A* a, A* b) {
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
     m[ch] = static_cast<A>(mean[ch]);
@@ -1413,7 +1414,7 @@ static void ghost_local_forward(const Geometry& g, const Affine& f, T* y, bool s
                           });
       finish_ghost(cc, k.data(), mg, vg, g.denominator(gh), mg, vg);
       ghost_coefficients<A>(cc, mg, vg, gr.data(), gb.data(), f.eps, m.data(), a.data(),
-                          b.data());
+                            b.data());
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t o = row * cc;
         write_run(stream, y + o, cc, [&](T* out, int64_t at, int64_t count) {
@@ -1512,7 +1513,7 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, bool stream,
   const auto m = scratch<A>(gs * cc), a = scratch<A>(gs * cc), b = scratch<A>(gs * cc);
   for_each_ghost_row(g, [&](int64_t o) {
     ghost_coefficients<A>(cc, mean + o, var + o, gr.data(), gb.data(), f.eps, m.get() + o,
-                        a.get() + o, b.get() + o);
+                          a.get() + o, b.get() + o);
   });
   for_all(
       g,
@@ -1929,9 +1930,9 @@ static std::vector<double> grad_gains(const GradTerms& t, int64_t cc) {
 // loop vectorizes.
 template <typename A>
 static inline void ghost_grad_coefficients(const GradTerms& t, int64_t o, int64_t cc,
-                                         const double* gamma_r, const A* mu, const double* s1,
-                                         const double* s2, double count, A* m, A* a, A* b,
-                                         A* e) {
+                                           const double* gamma_r, const A* mu,
+                                           const double* s1, const double* s2, double count,
+                                           A* m, A* a, A* b, A* e) {
   const double* is = t.invstd.data() + o;
   const double* gm = t.grad_mean.empty() ? nullptr : t.grad_mean.data() + o;
   const double* gv = t.grad_var.empty() ? nullptr : t.grad_var.data() + o;
@@ -1968,7 +1969,7 @@ static void ghost_local_backward(const Geometry& g, const GradTerms& t, const T*
                             grad_row_sums<T, A, Relu>(x, dy, y, cc, lo, hi, mu.data(), p1, p2);
                           });
       ghost_grad_coefficients<A>(t, o, cc, gamma_r.data(), mu.data(), s1 + o, s2 + o,
-                               g.denominator(gh), m.data(), a.data(), b.data(), e.data());
+                                 g.denominator(gh), m.data(), a.data(), b.data(), e.data());
       std::optional<RowWeights<A>> weights;
       if (g.weighted()) weights.emplace(g, r0);
       for (int64_t row = r0; row < r1; ++row) {
@@ -2092,8 +2093,8 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
              e = scratch<A>(width);
   for_each_ghost_row(g, [&](int64_t o) {
     ghost_grad_coefficients<A>(t, o, cc, gamma_r.data(), mu.get() + o, s1 + o, s2 + o,
-                             g.denominator(o / cc), m.get() + o, a.get() + o, b.get() + o,
-                             e.get() + o);
+                               g.denominator(o / cc), m.get() + o, a.get() + o, b.get() + o,
+                               e.get() + o);
   });
   if (g.weighted()) {
     // dx = γ·invstd·(dy' - w·(Σdy'/W + x̂·Σdy'·x̂/W)): the mean and variance move with

@@ -1239,6 +1239,21 @@ struct Affine {
 
 // Batch renormalization's r and d for channel ch, from the ghost-averaged statistics (1 and 0
 // without renorm).
+// Batch renormalization's r and d for one channel from its ghost-averaged mean mu and biased
+// variance v: r = sqrt(v + eps)/s, d = (mu - renorm_mean)/s, s = max(renorm_std, sqrt(eps)),
+// clipped to [rmin, rmax] and [-dmax, dmax]. An absent clip is an infinite bound, which leaves
+// every value (NaN too) as it is, so the clips need no branch and renorm_all()'s loop
+// vectorizes.
+static inline void renorm_rd(const Affine& f, int64_t ch, double mu, double v, double& r,
+                             double& d) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  const double denom = std::max(f.renorm_std[ch], std::sqrt(f.eps));
+  const double dmax = f.dmax.value_or(inf);
+  r = std::min(std::max(std::sqrt(v + f.eps) / denom, f.rmin.value_or(-inf)),
+               f.rmax.value_or(inf));
+  d = std::min(std::max((mu - f.renorm_mean[ch]) / denom, -dmax), dmax);
+}
+
 static std::pair<double, double> renorm_factors(const Affine& f, int64_t ghosts, int64_t cc,
                                                 int64_t ch, const double* mean,
                                                 const double* var) {
@@ -1249,14 +1264,7 @@ static std::pair<double, double> renorm_factors(const Affine& f, int64_t ghosts,
       mu += mean[gh * cc + ch];
       v += var[gh * cc + ch];
     }
-    mu /= static_cast<double>(ghosts);
-    v /= static_cast<double>(ghosts);
-    const double denom = std::max(f.renorm_std[ch], std::sqrt(f.eps));
-    r = std::sqrt(v + f.eps) / denom;
-    d = (mu - f.renorm_mean[ch]) / denom;
-    if (f.rmin) r = std::max(r, *f.rmin);
-    if (f.rmax) r = std::min(r, *f.rmax);
-    if (f.dmax) d = std::min(std::max(d, -*f.dmax), *f.dmax);
+    renorm_rd(f, ch, mu / static_cast<double>(ghosts), v / static_cast<double>(ghosts), r, d);
   }
   return {r, d};
 }
@@ -1289,10 +1297,10 @@ static void forward_coefficients(const Affine& f, int64_t ghosts, int64_t cc, in
 
 // ------------------------------------------------------------------------------ forward
 
-// renorm_factors() for all C channels at once, one loop per step so that each vectorizes
-// (the per-channel call, with its square root, divisions and optional clips, took as long as
-// a pass over a 256x1024 input): the same operations in the same order, so the same bits. An
-// absent clip is an infinite bound, which leaves every value (NaN too) as it is.
+// renorm_factors() for all C channels at once (into r, d): the ghost averages, then
+// renorm_rd(), each in a loop that vectorizes (one call per channel, with its square root,
+// divisions and clips, took as long as a pass over a 256x1024 input). The same operations in
+// the same order, so the same bits.
 static void renorm_all(const Affine& f, int64_t ghosts, int64_t cc, const double* mean,
                        const double* var, double* r, double* d) {
   std::vector<double> mu(cc, 0.0), v(cc, 0.0);
@@ -1307,43 +1315,23 @@ static void renorm_all(const Affine& f, int64_t ghosts, int64_t cc, const double
       pv[ch] += s[ch];
     }
   }
-  const double inf = std::numeric_limits<double>::infinity();
-  const double rmin = f.rmin.value_or(-inf), rmax = f.rmax.value_or(inf);
-  const double dmax = f.dmax.value_or(inf), root_eps = std::sqrt(f.eps), eps = f.eps;
   const double gs = static_cast<double>(ghosts);
-  const double* const rstd = f.renorm_std.data();
-  const double* const rmean = f.renorm_mean.data();
 #pragma omp simd
-  for (int64_t ch = 0; ch < cc; ++ch) {
-    const double denom = std::max(rstd[ch], root_eps);
-    const double rc = std::sqrt(pv[ch] / gs + eps) / denom;
-    const double dc = (pm[ch] / gs - rmean[ch]) / denom;
-    r[ch] = std::min(std::max(rc, rmin), rmax);
-    d[ch] = std::min(std::max(dc, -dmax), dmax);
-  }
+  for (int64_t ch = 0; ch < cc; ++ch) renorm_rd(f, ch, pm[ch] / gs, pv[ch] / gs, r[ch], d[ch]);
 }
 
-// Per channel: renorm's r and d (1 and 0 without renorm; into r, d when they are not null),
-// then γ·r and γ·d + β into gr, gb, the factors that ghost_coefficients() applies to every
-// ghost.
+// Per channel γ·r and γ·d + β into gr, gb, the factors that ghost_coefficients() applies to
+// every ghost: with renorm, r and d (C values each) are computed first from the ghosts'
+// statistics; without it r = 1 and d = 0, and neither mean, var, r nor d is read.
 static void channel_factors(const Affine& f, int64_t ghosts, int64_t cc, const double* mean,
                             const double* var, double* r, double* d, double* gr, double* gb) {
-  std::vector<double> rs, ds;
-  if (f.renorm()) {
-    if (r == nullptr) {
-      rs.resize(cc);
-      ds.resize(cc);
-      r = rs.data();
-      d = ds.data();
-    }
+  const bool renorm = f.renorm();
+  if (renorm) {
+    TORCH_INTERNAL_ASSERT(r != nullptr && d != nullptr, "bnkit: renorm needs r and d");
     renorm_all(f, ghosts, cc, mean, var, r, d);
   }
   for (int64_t ch = 0; ch < cc; ++ch) {
-    const double rc = f.renorm() ? r[ch] : 1.0, dc = f.renorm() ? d[ch] : 0.0;
-    if (r != nullptr && !f.renorm()) {
-      r[ch] = rc;
-      d[ch] = dc;
-    }
+    const double rc = renorm ? r[ch] : 1.0, dc = renorm ? d[ch] : 0.0;
     gr[ch] = f.gamma(ch) * rc;
     gb[ch] = f.gamma(ch) * dc + f.beta(ch);
   }
@@ -1398,7 +1386,7 @@ static void ghost_local_forward(const Geometry& g, const Affine& f, T* y, bool s
   using A = typename Acc<T>::type;
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c, rows = g.per_ghost() * g.inner;
-  std::vector<double> gr(cc), gb(cc);
+  std::vector<double> gr(cc), gb(cc);  // no renorm here: mean and var are not read yet
   channel_factors(f, g.ghosts, cc, mean, var, nullptr, nullptr, gr.data(), gb.data());
   parallel(g, 0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> k(cc), q1(cc), q2(cc), m(cc), a(cc), b(cc);
@@ -2360,19 +2348,19 @@ static bool plain_cpu_tensor(const at::Tensor& t) {
          !c10::impl::TorchDispatchModeTLS::any_modes_set();
 }
 
-// at::rsqrt(var + eps) as a plain loop: ATen's add and rsqrt on these C values took about 25 µs
-// per backward, right after a large kernel has evicted the dispatcher's working set from the
-// caches. The same arithmetic in var's dtype (eps rounded to it, a correctly rounded add,
-// square root and division, as ATen's CPU kernels compute them), so the eager gradient equals
-// the one of a traced graph, which keeps the ATen operations (torch.compile's backward).
 // q[i] = 1/sqrt(p[i] + e), vectorized (a scalar loop cost 10 µs per backward with 16 ghosts of
-// 1024 channels).
+// 1024 channels; omp simd cannot stand inside AT_DISPATCH's lambda).
 template <typename S>
 static void inverse_std_values(const S* p, S* q, int64_t n, S e) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) q[i] = S(1) / std::sqrt(p[i] + e);
 }
 
+// at::rsqrt(var + eps) as a plain loop: ATen's add and rsqrt on these C values took about 25 µs
+// per backward, right after a large kernel has evicted the dispatcher's working set from the
+// caches. The same arithmetic in var's dtype (eps rounded to it, a correctly rounded add,
+// square root and division, as ATen's CPU kernels compute them), so the eager gradient equals
+// the one of a traced graph, which keeps the ATen operations (torch.compile's backward).
 static at::Tensor inverse_std(const at::Tensor& var, double eps) {
   if (!plain_cpu_tensor(var)) return at::rsqrt(var + eps);
   const at::Tensor v = var.contiguous();
@@ -2382,6 +2370,12 @@ static at::Tensor inverse_std(const at::Tensor& var, double eps) {
                        static_cast<scalar_t>(eps));
   });
   return out;
+}
+
+// The dispatcher's handle of a bnkit operator, typed as its C++ kernel `Fn`.
+template <typename Fn>
+static c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
 // bn_train's arguments: its backward returns one gradient slot for each.
@@ -2445,9 +2439,7 @@ train_below_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weigh
                      const std::optional<at::Tensor>& running_std, double renorm_momentum,
                      bool biased) {
   at::AutoDispatchBelowADInplaceOrView below;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bnkit::bn_train", "")
-                       .typed<decltype(bn_train)>();
+  static auto op = typed_op<decltype(bn_train)>("bnkit::bn_train");
   auto out = op.call(x, weight, bias, eps, ghosts, strided, renorm_mean, renorm_std, rmin, rmax,
                      dmax, relu, running_mean, running_var, momentum, sample_weight,
                      num_batches_tracked, guard, running_std, renorm_momentum, biased);
@@ -2463,9 +2455,7 @@ static at::Tensor eval_below_autograd(const at::Tensor& x, const at::Tensor& mea
                                       const std::optional<at::Tensor>& bias, double eps,
                                       bool relu) {
   at::AutoDispatchBelowADInplaceOrView below;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bnkit::bn_eval", "")
-                       .typed<decltype(bn_eval)>();
+  static auto op = typed_op<decltype(bn_eval)>("bnkit::bn_eval");
   return op.call(x, mean, var, weight, bias, eps, relu);
 }
 
@@ -2517,9 +2507,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     };
     const at::Tensor invstd = inverse_std(var, ctx->saved_data["eps"].toDouble());
     at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnkit::bn_backward", "")
-                         .typed<decltype(bn_backward)>();
+    static auto op = typed_op<decltype(bn_backward)>("bnkit::bn_backward");
     auto [gx, gw, gb] = op.call(grad_y, x, mean, invstd, opt(weight), opt(grads[1]),
                                 opt(grads[2]), ctx->saved_data["ghosts"].toInt(),
                                 ctx->saved_data["strided"].toBool(), opt(r), opt(d), opt(y),
@@ -2690,9 +2678,7 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
     auto opt = [](const at::Tensor& t) {
       return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
     };
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bnkit::bn_eval_backward", "")
-                         .typed<decltype(bn_eval_backward)>();
+    static auto op = typed_op<decltype(bn_eval_backward)>("bnkit::bn_eval_backward");
     auto [gx, gw, gb] = op.call(grads[0], x, mean, var, opt(weight), eps, opt(y), want_w || want_b);
     out[0] = gx;
     if (want_w) out[3] = gw.to(weight.scalar_type());

@@ -334,6 +334,27 @@ def run_case(shape: tuple[int, ...], layout: str, dtype: torch.dtype, opts: Opti
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
 @pytest.mark.parametrize(("shape", "layout"), CASES, ids=CASE_IDS)
 def test_train_options_match_reference(shape, layout, dtype, opts, threads) -> None:
+    check_against_reference(shape, layout, dtype, opts)
+
+
+# Outputs of 16 MiB or more (streamed) over planes of 8 KiB or more change the walk: the forward
+# takes two passes instead of tiles (16x64x64x64), and in the backward a channel too large for
+# a tile with its output is a tile of its own (16x32x96x96; with the ReLU its three reads, 1.8
+# MB, still fit 7/8 of a 2 MiB L2).
+LARGE_CASES = [((16, 64, 64, 64), "contiguous"), ((16, 32, 96, 96), "contiguous")]
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[4], OPTIONS[6]], ids=lambda o: o.name)
+@pytest.mark.parametrize(("shape", "layout"), LARGE_CASES, ids=str)
+def test_large_outputs_over_long_planes_match_reference(shape, layout, opts, threads) -> None:
+    check_against_reference(shape, layout, torch.float32, opts)
+
+
+def check_against_reference(
+    shape: tuple[int, ...], layout: str, dtype: torch.dtype, opts: Options
+) -> None:
+    """The kernel's forward, statistics, r, d and gradients against :func:`reference_train`."""
     run = run_case(shape, layout, dtype, opts)
     x, out, ref = run.x, run.out, run.ref
     c = shape[1]

@@ -39,7 +39,9 @@
 // memory order, then normalizes the tile while its values are still cached, so memory sees
 // about one read and one write, as a copy. Otherwise (a channel too large for the cache, fewer
 // channels than threads, sample weights, or the rows layout): a statistics pass, then the
-// normalize pass. The backward is organised the same way (its sums need dy and x).
+// normalize pass. The backward is organised the same way (its sums need dy and x). Large
+// outputs over long planes (large_long_planes) walk for their streamed output instead: the
+// forward in two passes, the backward one channel per tile, counted by what it reads.
 //
 // Statistics: every value is shifted by K, the first value of its (ghost, channel) (the first with
 // positive weight when weighted: masked-out padding may lie far from the data), so

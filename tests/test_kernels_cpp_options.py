@@ -464,6 +464,73 @@ def test_half_precision_large_mean(dtype, layout, threads) -> None:
     torch.testing.assert_close(out.y.to(F64), ref.y, rtol=half_rtol(dtype), atol=1e-3)
 
 
+def _rounding_grid(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-precision values and float32 offsets whose sums land on the cases that rounding
+    to ``dtype`` must get right: ties (to even), just above and below a tie, subnormals, the
+    overflow boundary, zeros of both signs, infinities and NaN."""
+    info = torch.finfo(dtype)
+    ulp1 = info.eps  # the spacing at 1.0
+    values = torch.tensor(
+        [
+            1.0,
+            1.0 + ulp1,
+            -1.0 - ulp1,
+            3.0,
+            0.0,
+            -0.0,
+            info.tiny,
+            info.tiny / 4,
+            -info.tiny / 2,
+            info.max,
+            -info.max,
+            1e-3,
+            100.0,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+        ]
+    ).to(dtype)
+    offsets = torch.tensor(
+        [
+            0.0,
+            ulp1 / 2,
+            -ulp1 / 2,
+            ulp1 / 2 * (1 + 2**-10),
+            ulp1 / 2 * (1 - 2**-10),
+            info.tiny / 8,
+            -info.tiny * 3 / 8,
+            info.max * ulp1 / 2,
+            -0.0,
+            1e-30,
+        ]
+    )
+    return values, offsets
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_precision_outputs_round_as_pytorch(dtype, layout, threads) -> None:
+    # The kernels convert half-precision values with their own vectorizable code; it must
+    # read every value exactly and round float32 results as PyTorch's .to(dtype) does.
+    # bn_eval with mean 0 and var + eps == 1 exactly computes y = x·1 + β in float32, so y's
+    # rounding is all that is tested.
+    values, offsets = _rounding_grid(dtype)
+    n, c = 64, offsets.numel()
+    x = values.repeat(n * 9 // values.numel() + 1)[: n * 9].reshape(n, 1, 3, 3).expand(n, c, 3, 3)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    eps = 2.0**-20
+    var = torch.full((c,), 1.0 - eps)
+    y = cpp.bn_eval(x, torch.zeros(c), var, torch.ones(c), offsets, eps)
+    want = (x.float() + offsets.view(1, c, 1, 1)).to(dtype)
+    assert y.dtype == dtype
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan].float(), want[~nan].float())
+    assert torch.equal(torch.signbit(y[~nan]), torch.signbit(want[~nan]))  # -0.0 stays -0.0
+
+
 @pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_backward(dtype, threads) -> None:

@@ -328,6 +328,54 @@ static inline T narrow(A v) {
   }
 }
 
+// float16 through F16C, eight values per instruction, in pieces of kHalfPiece values: the
+// elementwise passes (normalize and inference, dx) convert their run to float32, work on that,
+// and convert the result back. The software conversions above cost about 40 operations per
+// eight values each way. Same values: both are exact and round to nearest even (NaN payloads
+// aside). The per-run sums (NCHW statistics and the backward's sums) convert the same way; the
+// rows layout's sums, which walk several rows at once, keep the software conversion.
+#if defined(BNKIT_X86_64) && defined(__F16C__)
+constexpr bool kHalfPieces = true;
+#else
+constexpr bool kHalfPieces = false;
+#endif
+constexpr int64_t kHalfPiece = 256;
+
+static inline void halves_to_floats(const c10::Half* p, float* f, int64_t n) {
+  int64_t i = 0;
+#if defined(BNKIT_X86_64) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) f[i] = half_to_float(p[i].x);
+}
+
+static inline void floats_to_halves(const float* f, c10::Half* p, int64_t n) {
+  int64_t i = 0;
+#if defined(BNKIT_X86_64) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), h);
+  }
+#endif
+  for (; i < n; ++i) p[i] = c10::Half(float_to_half(f[i]), c10::Half::from_bits());
+}
+
+// f(in, out, offset, count) over pieces of a float16 run of len values: `in` holds the run's
+// values from `src` as float32, and `out`, written by f, goes back to `dst` as float16.
+template <typename F>
+static inline void by_half_pieces(const c10::Half* src, c10::Half* dst, int64_t len, F&& f) {
+  float in[kHalfPiece], out[kHalfPiece];
+  for (int64_t at = 0; at < len; at += kHalfPiece) {
+    const int64_t count = std::min(kHalfPiece, len - at);
+    halves_to_floats(src + at, in, count);
+    f(in, out, at, count);
+    floats_to_halves(out, dst + at, count);
+  }
+}
+
 struct Geometry {
   at::Tensor x;     // the tensor the kernels read (the input, or a contiguous copy)
   bool rows;        // true: memory (n, inner, C); false: memory (n, C, inner)
@@ -1048,6 +1096,15 @@ static void for_each_ghost_row(const Geometry& g, F&& f) {
 
 template <typename T, typename A>
 static inline void shifted_sums(const T* p, int64_t len, A k, A& s1, A& s2) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
+    float in[kHalfPiece];
+    for (int64_t at = 0; at < len; at += kHalfPiece) {
+      const int64_t count = std::min(kHalfPiece, len - at);
+      halves_to_floats(p + at, in, count);
+      shifted_sums<float, A>(in, count, k, s1, s2);
+    }
+    return;
+  }
   A a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
   for (int64_t i = 0; i < len; ++i) {
@@ -1061,6 +1118,17 @@ static inline void shifted_sums(const T* p, int64_t len, A k, A& s1, A& s2) {
 
 template <typename T, typename A, bool Relu>
 static inline void grad_sums(const T* x, const T* dy, const T* y, int64_t len, A m, A& s1, A& s2) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
+    float xs[kHalfPiece], dys[kHalfPiece], ys[kHalfPiece];
+    for (int64_t at = 0; at < len; at += kHalfPiece) {
+      const int64_t count = std::min(kHalfPiece, len - at);
+      halves_to_floats(x + at, xs, count);
+      halves_to_floats(dy + at, dys, count);
+      if constexpr (Relu) halves_to_floats(y + at, ys, count);
+      grad_sums<float, A, Relu>(xs, dys, Relu ? ys : dys, count, m, s1, s2);
+    }
+    return;
+  }
   A a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
   for (int64_t i = 0; i < len; ++i) {
@@ -1075,6 +1143,12 @@ static inline void grad_sums(const T* x, const T* dy, const T* y, int64_t len, A
 
 template <typename T, typename A, bool Relu>
 static inline void affine_run(const T* p, T* q, int64_t len, A m, A a, A b) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
+    by_half_pieces(p, q, len, [&](const float* in, float* out, int64_t, int64_t count) {
+      affine_run<float, A, Relu>(in, out, count, m, a, b);
+    });
+    return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     A v = (widen<A>(p[i]) - m) * a + b;
@@ -1085,6 +1159,12 @@ static inline void affine_run(const T* p, T* q, int64_t len, A m, A a, A b) {
 
 template <typename T, typename A, bool Relu>
 static inline void affine_row(const T* p, T* q, int64_t cc, const A* m, const A* a, const A* b) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
+    by_half_pieces(p, q, cc, [&](const float* in, float* out, int64_t at, int64_t count) {
+      affine_row<float, A, Relu>(in, out, count, m + at, a + at, b + at);
+    });
+    return;
+  }
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
     A v = (widen<A>(p[ch]) - m[ch]) * a[ch] + b[ch];
@@ -1097,6 +1177,15 @@ static inline void affine_row(const T* p, T* q, int64_t cc, const A* m, const A*
 template <typename T, typename A, bool Relu>
 static inline void grad_run(const T* x, const T* dy, const T* y, T* gx, int64_t len, A m, A a,
                             A b, A d) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
+    float dys[kHalfPiece], ys[kHalfPiece];
+    by_half_pieces(x, gx, len, [&](const float* in, float* out, int64_t at, int64_t count) {
+      halves_to_floats(dy + at, dys, count);
+      if constexpr (Relu) halves_to_floats(y + at, ys, count);
+      grad_run<float, A, Relu>(in, dys, Relu ? ys : dys, out, count, m, a, b, d);
+    });
+    return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     A gi = widen<A>(dy[i]);
@@ -1108,6 +1197,16 @@ static inline void grad_run(const T* x, const T* dy, const T* y, T* gx, int64_t 
 template <typename T, typename A, bool Relu>
 static inline void grad_row(const T* x, const T* dy, const T* y, T* gx, int64_t cc, const A* m,
                             const A* a, const A* b, const A* d) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
+    float dys[kHalfPiece], ys[kHalfPiece];
+    by_half_pieces(x, gx, cc, [&](const float* in, float* out, int64_t at, int64_t count) {
+      halves_to_floats(dy + at, dys, count);
+      if constexpr (Relu) halves_to_floats(y + at, ys, count);
+      grad_row<float, A, Relu>(in, dys, Relu ? ys : dys, out, count, m + at, a + at, b + at,
+                               d + at);
+    });
+    return;
+  }
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
     A gi = widen<A>(dy[ch]);

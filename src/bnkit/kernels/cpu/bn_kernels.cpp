@@ -332,8 +332,9 @@ static inline T narrow(A v) {
 // elementwise passes (normalize and inference, dx) convert their run to float32, work on that,
 // and convert the result back. The software conversions above cost about 40 operations per
 // eight values each way. Same values: both are exact and round to nearest even (NaN payloads
-// aside). The per-run sums (NCHW statistics and the backward's sums) convert the same way; the
-// rows layout's sums, which walk several rows at once, keep the software conversion.
+// aside). The sums convert the same way: per run (NCHW), or per block of rows and piece of
+// channels (the rows layout, by_half_row_blocks). The weighted row sums keep the software
+// conversion.
 #if defined(BNKIT_X86_64) && defined(__F16C__)
 constexpr bool kHalfPieces = true;
 #else
@@ -1282,9 +1283,38 @@ static void summed_rows(const T* x, int64_t cc, int64_t begin, int64_t end, cons
   }
 }
 
+// For float16, rows [begin, end) in blocks of kHalfRows rows by pieces of channels, converted
+// to float32 first: f(block, width, rows, at) with the block's rows `width` floats apart. The
+// blocks start at `begin`, kHalfRows (a multiple of the row loops' 4 and 2) apart, so the
+// float loops group the rows as they do on the whole range.
+constexpr int64_t kHalfRows = 4;
+
+template <typename F>
+static inline void by_half_row_blocks(const c10::Half* x, int64_t cc, int64_t begin, int64_t end,
+                                      float* block, F&& f) {
+  for (int64_t at = 0; at < cc; at += kHalfPiece) {
+    const int64_t width = std::min(kHalfPiece, cc - at);
+    for (int64_t r = begin; r < end; r += kHalfRows) {
+      const int64_t rows = std::min(kHalfRows, end - r);
+      for (int64_t i = 0; i < rows; ++i) {
+        halves_to_floats(x + (r + i) * cc + at, block + i * width, width);
+      }
+      f(r, width, rows, at);
+    }
+  }
+}
+
 template <typename T, typename A>
 static void shifted_row_sums(const T* x, int64_t cc, int64_t begin, int64_t end, const A* k,
                              A* q1, A* q2) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
+    float xs[kHalfRows * kHalfPiece];
+    by_half_row_blocks(x, cc, begin, end, xs, [&](int64_t, int64_t width, int64_t rows,
+                                                   int64_t at) {
+      summed_rows<float, A, false>(xs, width, 0, rows, k + at, nullptr, q1 + at, q2 + at);
+    });
+    return;
+  }
   summed_rows<T, A, false>(x, cc, begin, end, k, nullptr, q1, q2);
 }
 
@@ -1292,6 +1322,19 @@ static void shifted_row_sums(const T* x, int64_t cc, int64_t begin, int64_t end,
 template <typename T, typename A, bool Relu>
 static void grad_row_sums(const T* x, const T* dy, const T* y, int64_t cc, int64_t begin,
                           int64_t end, const A* m, A* q1, A* q2) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
+    float xs[kHalfRows * kHalfPiece], dys[kHalfRows * kHalfPiece], ys[kHalfRows * kHalfPiece];
+    by_half_row_blocks(x, cc, begin, end, xs, [&](int64_t r, int64_t width, int64_t rows,
+                                                   int64_t at) {
+      for (int64_t i = 0; i < rows; ++i) {
+        halves_to_floats(dy + (r + i) * cc + at, dys + i * width, width);
+        if constexpr (Relu) halves_to_floats(y + (r + i) * cc + at, ys + i * width, width);
+      }
+      grad_row_sums<float, A, Relu>(xs, dys, Relu ? ys : dys, width, 0, rows, m + at, q1 + at,
+                                    q2 + at);
+    });
+    return;
+  }
   auto grad = [&](int64_t i) {
     A gi = widen<A>(dy[i]);
     if constexpr (Relu) gi = widen<A>(y[i]) > A(0) ? gi : A(0);

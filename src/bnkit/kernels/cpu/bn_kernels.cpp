@@ -365,38 +365,25 @@ static inline void floats_to_halves(const float* f, c10::Half* p, int64_t n) {
 }
 
 // q = act((p - m)·a + b) over the first multiple of 8 of len float16 values, converted in
-// registers (F16C); returns how many values it did (the caller's loop does the rest). The
-// same operations as the float loop: a subtraction, then one fused multiply-add, as GCC
-// contracts `(x - m) * a + b` there.
-template <bool Relu>
-static inline int64_t half_affine_run(const c10::Half* p, c10::Half* q, int64_t len, float m,
-                                      float a, float b) {
+// registers (F16C); returns how many values it did (the caller's loop does the rest). m, a and
+// b are one value each, or with Spread one per value (a row's channels). The same operations
+// as the float loop: a subtraction, then one fused multiply-add, as GCC contracts
+// `(x - m) * a + b` there.
+template <bool Relu, bool Spread>
+static inline int64_t half_affine(const c10::Half* p, c10::Half* q, int64_t len, const float* m,
+                                  const float* a, const float* b) {
 #if defined(BNKIT_X86_64) && defined(__F16C__) && defined(__FMA__)
-  const __m256 vm = _mm256_set1_ps(m), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  // One value each: broadcast once (with Spread these are not read; a row may be empty).
+  const __m256 m0 = Spread ? _mm256_setzero_ps() : _mm256_set1_ps(*m);
+  const __m256 a0 = Spread ? _mm256_setzero_ps() : _mm256_set1_ps(*a);
+  const __m256 b0 = Spread ? _mm256_setzero_ps() : _mm256_set1_ps(*b);
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+    const __m256 vm = Spread ? _mm256_loadu_ps(m + i) : m0;
+    const __m256 va = Spread ? _mm256_loadu_ps(a + i) : a0;
+    const __m256 vb = Spread ? _mm256_loadu_ps(b + i) : b0;
     __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtph_ps(h), vm), va, vb);
-    if constexpr (Relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-  return i;
-#else
-  return 0;
-#endif
-}
-
-// As half_affine_run, with per-channel m, a, b (a row of the rows layout).
-template <bool Relu>
-static inline int64_t half_affine_row(const c10::Half* p, c10::Half* q, int64_t cc,
-                                      const float* m, const float* a, const float* b) {
-#if defined(BNKIT_X86_64) && defined(__F16C__) && defined(__FMA__)
-  int64_t i = 0;
-  for (; i + 8 <= cc; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
-    const __m256 x = _mm256_sub_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(m + i));
-    __m256 v = _mm256_fmadd_ps(x, _mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
     if constexpr (Relu) v = _mm256_max_ps(v, _mm256_setzero_ps());
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
                      _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
@@ -1191,7 +1178,7 @@ static inline void affine_run(const T* p, T* q, int64_t len, A m, A a, A b) {
   if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
     // The pass that inference is made of: converted in registers, eight at a time; the last
     // few values (fewer than eight) take the loop below.
-    start = half_affine_run<Relu>(p, q, len, m, a, b);
+    start = half_affine<Relu, false>(p, q, len, &m, &a, &b);
   }
 #pragma omp simd
   for (int64_t i = start; i < len; ++i) {
@@ -1205,7 +1192,7 @@ template <typename T, typename A, bool Relu>
 static inline void affine_row(const T* p, T* q, int64_t cc, const A* m, const A* a, const A* b) {
   int64_t start = 0;
   if constexpr (std::is_same_v<T, c10::Half> && kHalfPieces) {
-    start = half_affine_row<Relu>(p, q, cc, m, a, b);
+    start = half_affine<Relu, true>(p, q, cc, m, a, b);
   }
 #pragma omp simd
   for (int64_t ch = start; ch < cc; ++ch) {

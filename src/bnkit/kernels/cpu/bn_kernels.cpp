@@ -97,7 +97,9 @@
 #include <utility>
 #include <vector>
 
-#include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf, for the L2 size (l2_bytes)
+#endif
 
 namespace bnkit_cpu {
 
@@ -642,8 +644,11 @@ static int64_t tile_channels(const Geometry& g, int64_t tensors, bool own_tiles 
   const int64_t bytes = g.n * g.inner * g.x.element_size();  // one channel of one tensor
   const int64_t per_channel = bytes * (tensors + 1);
   if (per_channel > kTileBytes) {
+    // One channel per tile only when the channels split evenly over the threads: the two-pass
+    // route it replaces is balanced (16 threads on 24 one-channel tiles would leave 4 idle).
     const double reads = static_cast<double>(bytes * tensors);
-    return own_tiles && reads <= kStreamTileShare * static_cast<double>(l2_bytes()) ? 1 : 0;
+    const bool fits = reads <= kStreamTileShare * static_cast<double>(l2_bytes());
+    return own_tiles && fits && g.c % t == 0 ? 1 : 0;
   }
   // Enough tiles for every thread (a multiple of the thread count), each within the budget.
   const int64_t fit = std::max<int64_t>(1, kTileBytes / per_channel);

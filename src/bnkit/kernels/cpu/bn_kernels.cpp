@@ -256,9 +256,9 @@ struct Acc<double> {
 // float16 is IEEE binary16, subnormals included, stored with round-to-nearest-even (a NaN as
 // a quiet NaN of the same sign, payload dropped). 2 threads, 32x256x14x14, against the c10
 // conversions: bfloat16 forward 0.95 -> 0.30 ms, backward 1.21 -> 0.38, eval 0.82 -> 0.17
-// (PyTorch's kernels: 0.31 and 0.17); float16 forward 1.57 -> 0.70, backward 1.93 -> 1.06,
-// eval 0.68 -> 0.43 (PyTorch's: 0.28 and 0.10; GCC 12 does not vectorize _Float16 conversions,
-// so binary16 stays about 40 operations per 8 values each way).
+// (PyTorch's kernels: 0.31 and 0.17). binary16 in software costs about 40 operations per 8
+// values each way (GCC 12 vectorizes no _Float16 conversion); with F16C the hot float16 loops
+// convert with it instead (see BNKIT_F16C below).
 static inline float float_of_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
@@ -330,14 +330,15 @@ static inline T narrow(A v) {
   }
 }
 
-// float16 through F16C, eight values per instruction, in pieces of kHalfPiece values: the
-// elementwise passes (normalize and inference, dx) convert their run to float32, work on that,
-// and convert the result back. The software conversions above cost about 40 operations per
-// eight values each way. Same values: both are exact and round to nearest even (NaN payloads
-// aside). The sums convert the same way: per run (NCHW), or per block of rows and piece of
-// channels (the rows layout, by_half_row_blocks). The weighted row sums keep the software
-// conversion.
+// float16 through F16C, eight values per instruction: the normalize/inference pass converts in
+// registers (half_affine); the dx pass converts its run in pieces of kHalfPiece values to
+// float32, works on that, and converts the result back (by_half_pieces). The software
+// conversions above cost about 40 operations per eight values each way. Same values: both are
+// exact and round to nearest even (NaN payloads aside). The sums convert in pieces too: per
+// run (NCHW), or per block of rows and piece of channels (the rows layout,
+// by_half_row_blocks). The weighted row sums keep the software conversion.
 #if defined(BNKIT_X86_64) && defined(__F16C__)
+#define BNKIT_F16C 1
 constexpr bool kHalfPieces = true;
 #else
 constexpr bool kHalfPieces = false;
@@ -346,7 +347,7 @@ constexpr int64_t kHalfPiece = 256;
 
 static inline void halves_to_floats(const c10::Half* p, float* f, int64_t n) {
   int64_t i = 0;
-#if defined(BNKIT_X86_64) && defined(__F16C__)
+#if defined(BNKIT_F16C)
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
     _mm256_storeu_ps(f + i, _mm256_cvtph_ps(h));
@@ -357,7 +358,7 @@ static inline void halves_to_floats(const c10::Half* p, float* f, int64_t n) {
 
 static inline void floats_to_halves(const float* f, c10::Half* p, int64_t n) {
   int64_t i = 0;
-#if defined(BNKIT_X86_64) && defined(__F16C__)
+#if defined(BNKIT_F16C)
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), h);
@@ -374,7 +375,7 @@ static inline void floats_to_halves(const float* f, c10::Half* p, int64_t n) {
 template <bool Relu, bool Spread>
 static inline int64_t half_affine(const c10::Half* p, c10::Half* q, int64_t len, const float* m,
                                   const float* a, const float* b) {
-#if defined(BNKIT_X86_64) && defined(__F16C__) && defined(__FMA__)
+#if defined(BNKIT_F16C) && defined(__FMA__)
   // One value each: broadcast once (with Spread these are not read; a row may be empty).
   const __m256 m0 = Spread ? _mm256_setzero_ps() : _mm256_set1_ps(*m);
   const __m256 a0 = Spread ? _mm256_setzero_ps() : _mm256_set1_ps(*a);
@@ -1539,8 +1540,6 @@ struct Affine {
   double beta(int64_t ch) const { return bias.empty() ? 0.0 : bias[ch]; }
 };
 
-// Batch renormalization's r and d for channel ch, from the ghost-averaged statistics (1 and 0
-// without renorm).
 // Batch renormalization's r and d for one channel from its ghost-averaged mean mu and biased
 // variance v: r = sqrt(v + eps)/s, d = (mu - renorm_mean)/s, s = max(renorm_std, sqrt(eps)),
 // clipped to [rmin, rmax] and [-dmax, dmax]. An absent clip is an infinite bound, which leaves
@@ -1556,6 +1555,8 @@ static inline void renorm_rd(const Affine& f, int64_t ch, double mu, double v, d
   d = std::min(std::max((mu - f.renorm_mean[ch]) / denom, -dmax), dmax);
 }
 
+// Batch renormalization's r and d for channel ch, from the ghost-averaged statistics (1 and 0
+// without renorm).
 static std::pair<double, double> renorm_factors(const Affine& f, int64_t ghosts, int64_t cc,
                                                 int64_t ch, const double* mean,
                                                 const double* var) {

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 import bnkit
 from bnkit import distributed as bnd
+from bnkit.kernels import cpp
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 PG_TIMEOUT = datetime.timedelta(seconds=30)
@@ -608,6 +609,200 @@ def _check_sync_moments_gradcheck(rank: int, world: int, expect: Expect) -> None
     expect.close("weighted var", var, ref_var, rtol=1e-12, atol=1e-12)
 
 
+# ------------------------------------------------------------------- C++ kernels
+
+
+def _on_kernels(make: Callable[[bool], nn.Module]) -> Callable[[bool], nn.Module]:
+    """The synchronized layer under the policy kernels="cpp"; the oracle as it was."""
+
+    def build(sync: bool) -> nn.Module:
+        layer = make(sync)
+        if sync:
+            assert isinstance(layer, bnkit.BatchNorm)
+            layer.policy = {"kernels": "cpp"}
+        return layer
+
+    return build
+
+
+class _KernelCalls:
+    """Counts the synchronized kernel path's operator calls (forward and backward)."""
+
+    NAMES = ("bn_normalize", "bn_grad_sums", "bn_grad_apply")
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = dict.fromkeys(self.NAMES, 0)
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> _KernelCalls:
+        for name in self.NAMES:
+            original = getattr(cpp, name)
+            self.saved[name] = original
+
+            def wrapped(*args: Any, _name: str = name, _orig: Any = original, **kw: Any) -> Any:
+                self.calls[_name] += 1
+                return _orig(*args, **kw)
+
+            setattr(cpp, name, wrapped)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self.saved.items():
+            setattr(cpp, name, original)
+
+
+def _check_kernels(rank: int, world: int, expect: Expect) -> None:
+    """The kernel path equals one process on all data: uneven batches, renorm with a fused
+    ReLU in channels-last memory, 2-D input, and it is the kernels that ran."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    with _KernelCalls() as ops:
+        _equivalence(rank, expect, _on_kernels(_bn2d()), [5, 3, 2][:world])
+    # 3 steps: one normalize pass forward, the sums and the gradient pass backward, each.
+    expected = dict.fromkeys(_KernelCalls.NAMES, 3)
+    expect.true(f"kernel calls {ops.calls}, wanted {expected}", ops.calls == expected)
+
+    options = {
+        "renorm": True,
+        "renorm_clipping": {"rmax": 1.5, "dmax": 0.5},
+        "momentum": 0.3,
+        "activation": "relu",
+    }
+
+    def channels_last(layer: nn.Module, x: Tensor, w: Tensor | None) -> Tensor:
+        return layer(x.contiguous(memory_format=torch.channels_last))
+
+    _equivalence(
+        rank,
+        expect,
+        _on_kernels(_bn2d(**options)),
+        [4, 2, 3][:world],
+        shape=(CHANNELS, 3, 2),
+        steps=4,
+        scale=1.5,
+        call=channels_last,
+    )
+
+    def two_d(sync: bool) -> nn.Module:
+        return bnkit.BatchNorm1d(CHANNELS, sync=sync, momentum=None)
+
+    _equivalence(rank, expect, _on_kernels(two_d), [6, 2, 3][:world], shape=(CHANNELS,))
+
+
+def _check_kernels_meet_reference_ranks(rank: int, world: int, expect: Expect) -> None:
+    """A rank with an empty batch (or one value per channel) takes the reference path while
+    the others run the kernels: their collectives are the same, so the result still is."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    sizes = [4, 0, 3][:world] if world == 3 else [0, 5]
+    synced, _ = _equivalence(rank, expect, _on_kernels(_bn2d()), sizes)
+    expect.true("num_batches_tracked counts every step", int(synced.num_batches_tracked) == 3)
+
+    def make(sync: bool) -> nn.Module:
+        return bnkit.BatchNorm1d(CHANNELS, sync=sync)
+
+    _equivalence(rank, expect, _on_kernels(make), [1, 3, 2][:world], shape=(CHANNELS,))
+
+
+def _check_kernels_large_mean(rank: int, world: int, expect: Expect) -> None:
+    # As _check_large_mean: the kernels' float64 moments keep the variance of mean-1e4 data.
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    synced, oracle = _equivalence(
+        rank,
+        expect,
+        _on_kernels(_bn2d(momentum=0.5)),
+        [5, 3, 1][:world],
+        loc=1e4,
+        oracle_dtype=torch.float64,
+        tol={"rtol": 1e-5, "atol": 2e-3},
+        param_tol={"rtol": 1e-5, "atol": 0.05},
+    )
+    for key in ("running_mean", "running_var"):
+        expect.close(f"{key} vs float64", synced.state_dict()[key], oracle.state_dict()[key])
+
+
+def _check_kernels_collectives(rank: int, world: int, expect: Expect) -> None:
+    """One gather forward and one all-reduce backward per step, as on the reference path."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    layer = bnkit.BatchNorm2d(CHANNELS, sync=True, policy={"kernels": "cpp"})
+    x = torch.randn(3, CHANNELS, 2, 2, requires_grad=True)
+    with _Counter() as counter, _KernelCalls() as ops:
+        y = layer(x)
+    expect.true(f"forward: one gather, got {counter.calls}", counter.total == 1)
+    expect.true(f"forward on the kernels: {ops.calls}", ops.calls["bn_normalize"] == 1)
+    with _Counter() as counter:
+        (y * torch.randn_like(y)).sum().backward()
+    expect.true(
+        f"backward: one all_reduce, got {counter.calls}",
+        counter.calls["all_reduce"] == 1 and counter.total == 1,
+    )
+
+
+def _check_kernels_double_backward(rank: int, world: int, expect: Expect) -> None:
+    """create_graph through the kernel path (a gradient penalty) equals the reference path."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    results = []
+    for kernels in ("cpp", "torch"):
+        layer = _randomized(
+            bnkit.BatchNorm2d(CHANNELS, sync=True, activation="relu", policy={"kernels": kernels})
+        )
+        g = torch.Generator().manual_seed(40 + rank)
+        x = (torch.randn(3 + rank, CHANNELS, 2, 2, generator=g) * 2).requires_grad_()
+        upstream = torch.randn(x.shape, generator=g)
+        y = layer(x)
+        (gx,) = torch.autograd.grad((y * upstream).sum(), x, create_graph=True)
+        penalty = (gx * gx).sum()
+        penalty.backward()
+        assert x.grad is not None
+        assert layer.weight.grad is not None
+        results.append((gx.detach(), x.grad, layer.weight.grad))
+    for what, a, b in zip(("input gradient", "x.grad", "weight.grad"), *results, strict=True):
+        expect.close(f"double backward {what}", a, b)
+
+
+def _check_kernel_step_gradcheck(rank: int, world: int, expect: Expect) -> None:
+    # The kernel step's autograd Function in float64, its collectives in a group of one: the
+    # backward's gradient through the statistics included, with and without the fused ReLU.
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    x = (torch.randn(4, 3, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for relu in (False, True):
+
+        def step(x: Tensor, w: Tensor, b: Tensor, relu: bool = relu) -> Tensor:
+            y, _ = bnkit.functional._cpp_sync_training_step(
+                x,
+                1,
+                weight=w,
+                bias=b,
+                running_mean=None,
+                running_var=None,
+                momentum=None,
+                eps=1e-3,
+                renorm_mean=None,
+                renorm_stddev=None,
+                renorm_clipping=None,
+                relu=relu,
+                group=None,
+            )
+            return y
+
+        ok = torch.autograd.gradcheck(step, (x, w, b))
+        expect.true(f"gradcheck relu={relu}", ok)
+        ok = torch.autograd.gradgradcheck(step, (x, w, b))
+        expect.true(f"gradgradcheck relu={relu}", ok)
+
+
 # ------------------------------------------------------------------------- failures
 
 
@@ -648,6 +843,11 @@ SUITES: dict[str, list[tuple[str, Check]]] = {
         ("sub_group", _check_sub_group),
         ("collectives_per_step", _check_collectives_per_step),
         ("sync_running_stats", _check_sync_running_stats),
+        ("kernels", _check_kernels),
+        ("kernels_meet_reference_ranks", _check_kernels_meet_reference_ranks),
+        ("kernels_large_mean", _check_kernels_large_mean),
+        ("kernels_collectives", _check_kernels_collectives),
+        ("kernels_double_backward", _check_kernels_double_backward),
     ],
     "two": [
         ("equal", _check_equal),
@@ -664,6 +864,7 @@ SUITES: dict[str, list[tuple[str, Check]]] = {
     "one": [
         ("no_collective", _check_world_of_one_runs_no_collective),
         ("gradcheck", _check_sync_moments_gradcheck),
+        ("kernel_step_gradcheck", _check_kernel_step_gradcheck),
     ],
     "hang": [("failing_rank", _check_failing_rank_does_not_hang)],
 }

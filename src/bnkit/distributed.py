@@ -48,7 +48,9 @@ from bnkit import running
 __all__ = [
     "GroupHandle",
     "SyncedMoments",
+    "all_reduce_moment_grads",
     "is_active",
+    "merge_moments",
     "sync_ghost_statistics",
     "sync_moments",
     "sync_running_stats",
@@ -209,6 +211,46 @@ def _merge(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return total, mean, m2
 
 
+def _gather_and_merge(
+    rows: list[Tensor], group: ProcessGroup | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """All-gather this rank's ``(W, μ, M2[, elements])`` rows (float64, C values each) and merge
+    them: ``(gathered (world, rows, C), W, μ, biased σ²)``, each of the last three (C,)."""
+    gathered = _gather(torch.stack([r.reshape(-1) for r in rows]), group)
+    total, mean, m2 = _merge(gathered)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return gathered, total, mean, m2 / safe
+
+
+def merge_moments(
+    count: Tensor, mean: Tensor, m2: Tensor, group: ProcessGroup | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The global ``(W, μ, σ²)`` per channel from this rank's ``(W_r, μ_r, M2_r)``.
+
+    For a caller that computed its local moments itself (the synchronized layers on bnkit's
+    C++ kernels). The collective is :func:`sync_moments`' forward gather, byte for byte
+    (a ``(3, C)`` stack in float64, merged with Chan's formula in rank order), so ranks on
+    either path can meet in it: a rank whose batch is empty takes the reference path while
+    the others run the kernels. All three arguments are (C,) float64; so are the results.
+    """
+    _, total, g_mean, g_var = _gather_and_merge([count, mean, m2], group)
+    return total, g_mean, g_var
+
+
+def all_reduce_moment_grads(
+    grad_mean: Tensor, grad_var: Tensor, group: ProcessGroup | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(∂L/∂μ, ∂L/∂σ²)`` summed over the ranks: :func:`sync_moments`' backward all-reduce.
+
+    Both in the dtype the statistics were normalized in (float32 for float32 and half input),
+    stacked into one ``all_reduce``; each rank's terms are its contribution through its own
+    batch. Every path that synchronizes the moments' gradients goes through here, so the
+    collective matches between them.
+    """
+    summed = _all_reduce_sum(torch.stack([grad_mean, grad_var]), group)
+    return summed[0], summed[1]
+
+
 # ------------------------------------------------------------------ sync_moments
 
 
@@ -245,12 +287,9 @@ class _SyncMoments(torch.autograd.Function):
         if w is not None:  # the element count, to tell an empty batch from zero weights
             elements = math.prod([x.shape[d] for d in dims])
             rows.append(torch.full_like(count, float(elements)))
-        local = torch.stack([r.reshape(-1) for r in rows])
-        gathered = _gather(local, group)
-        total, g_mean, g_m2 = _merge(gathered)
+        gathered, total, g_mean, var = _gather_and_merge(rows, group)
         elements_all = total if w is None else gathered[:, 3].sum(0)
         safe = torch.where(total > 0, total, torch.ones_like(total))
-        var = g_m2 / safe
         shape = count.shape
         out_mean = g_mean.to(x.dtype).reshape(shape)
         out_var = var.to(x.dtype).reshape(shape)
@@ -266,8 +305,7 @@ class _SyncMoments(torch.autograd.Function):
         ctx: Any, g_mean: Tensor, g_var: Tensor, _g_count: Tensor, _g_elements: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, w, mean, var, total = ctx.saved_tensors
-        summed = _all_reduce_sum(torch.stack([g_mean, g_var]), ctx.group)
-        gm, gv = summed[0], summed[1]
+        gm, gv = all_reduce_moment_grads(g_mean, g_var, ctx.group)
         centered = x - mean
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:

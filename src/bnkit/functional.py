@@ -782,6 +782,31 @@ def _check_global_counts(
     return True
 
 
+def _absorb_synced_stats(
+    stats: BatchStats | None,
+    cdt: torch.dtype,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    renorm_mean: Tensor | None,
+    renorm_stddev: Tensor | None,
+    eps: float,
+    renorm_clipping: dict[str, float] | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """What a synchronized step does with its global statistics before normalizing: PyTorch's
+    rule on the running buffers (when the caller passed a momentum), then renorm's r and d
+    (None without renorm or statistics)."""
+    if stats is not None and momentum is not None and running_mean is not None:
+        assert running_var is not None
+        running.assign_moving_average_(running_mean, stats.mean, momentum)
+        running.assign_moving_average_(running_var, stats.var_unbiased, momentum)
+    if stats is None or renorm_mean is None or renorm_stddev is None:
+        return None, None
+    return _renorm_correction(
+        stats.mean.to(cdt), stats.var.to(cdt), renorm_mean, renorm_stddev, eps, renorm_clipping
+    )
+
+
 def _sync_training_step(
     x: Tensor,
     axis: int,
@@ -844,15 +869,17 @@ def _sync_training_step(
         )
         if averaged is not None:
             stats = BatchStats(*averaged)
-    if stats is not None and momentum is not None and running_mean is not None:
-        assert running_var is not None
-        running.assign_moving_average_(running_mean, stats.mean, momentum)
-        running.assign_moving_average_(running_var, stats.var_unbiased, momentum)
-    r = d = None
-    if stats is not None and renorm_mean is not None and renorm_stddev is not None:
-        r, d = _renorm_correction(
-            stats.mean.to(cdt), stats.var.to(cdt), renorm_mean, renorm_stddev, eps, renorm_clipping
-        )
+    r, d = _absorb_synced_stats(
+        stats,
+        cdt,
+        running_mean,
+        running_var,
+        momentum,
+        renorm_mean,
+        renorm_stddev,
+        eps,
+        renorm_clipping,
+    )
     adjusted = None if adjustment is None else adjustment(x.shape)
     scale, shift = _affine_terms(
         x.ndim, axis, channels, cdt, x.device, weight, bias, r, d, adjusted
@@ -1068,6 +1095,25 @@ def batch_norm(
         y = _inference_step(x, a, running_mean, running_var, weight, bias, eps)
     elif sync and distributed.is_active(process_group):
         # Before the empty-batch shortcut: an empty rank still takes part in the collectives.
+        if impl == "cpp" and _cpp_sync_serves(x, a, weights, virtual_batch_size, adjustment):
+            y, stats = _cpp_sync_training_step(
+                x,
+                a,
+                weight=weight,
+                bias=bias,
+                running_mean=running_mean,
+                running_var=running_var,
+                momentum=momentum,
+                eps=eps,
+                renorm_mean=renorm_mean,
+                renorm_stddev=renorm_stddev,
+                renorm_clipping=renorm_clipping,
+                relu=activation == "relu",
+                group=process_group,
+            )
+            if activation != "relu" and act is not None:
+                y = act(y)
+            return (y, stats) if return_stats else y
         y, stats = _sync_training_step(
             x,
             a,
@@ -1355,6 +1401,186 @@ def _cpp_sample_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor | None:
         return aligned.reshape(n).to(cdt)
     spatial = [x.shape[d] for d in range(x.ndim) if d not in (0, axis)]
     return aligned.expand(n, 1, *spatial).reshape(-1).to(cdt)
+
+
+def _cpp_sync_serves(
+    x: Tensor,
+    axis: int,
+    weights: Tensor | None,
+    virtual_batch_size: int | None,
+    adjustment: Adjustment | None,
+) -> bool:
+    """Whether a synchronized training step runs on the C++ kernels (the caller has checked
+    that they take ``x``): global statistics over the whole batch, unweighted, without an
+    adjustment, in eager mode, with at least two values per channel on this rank.
+
+    Every rank of a step decides the same way except on the batch size: a rank with an empty
+    batch (or one value per channel) takes the reference path, whose collectives are the same
+    (``distributed.merge_moments``, ``distributed.all_reduce_moment_grads``).
+    """
+    if weights is not None or virtual_batch_size is not None or adjustment is not None:
+        return False
+    return x.numel() >= 2 * x.shape[axis] and not torch.compiler.is_compiling()
+
+
+def _cpp_sync_training_step(
+    x: Tensor,
+    axis: int,
+    *,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    renorm_mean: Tensor | None,
+    renorm_stddev: Tensor | None,
+    renorm_clipping: dict[str, float] | None,
+    relu: bool,
+    group: Any,
+) -> tuple[Tensor, BatchStats]:
+    """A synchronized training step on the C++ kernels, as :func:`_sync_training_step`
+    computes it without ghost batches: local moments in one pass (float64), one all_gather
+    that merges them, the running update and renorm's r and d from the global statistics,
+    then one normalizing pass (:class:`_CppSyncNormalize`, whose backward all-reduces the
+    statistics' gradients)."""
+    xt = x.movedim(axis, 1) if axis != 1 else x
+    cdt = compute_dtype(x.dtype)
+    # Detached: the gradient through the statistics is _CppSyncNormalize's backward's.
+    mean, var = cpp.bn_stats(xt.detach(), float64=True)
+    n = float(xt.numel() // xt.shape[1])
+    total, g_mean, g_var = distributed.merge_moments(torch.full_like(mean, n), mean, var * n, group)
+    # As the reference path rounds them (the same operations on the same merged values), so
+    # that the running statistics stay bit-identical on every rank, whichever path it took.
+    var_c, count_c = g_var.to(cdt), total.to(cdt)
+    stats = BatchStats(g_mean.to(cdt), var_c, _unbiased(var_c, count_c), count_c)
+    r, d = _absorb_synced_stats(
+        stats,
+        cdt,
+        running_mean,
+        running_var,
+        momentum,
+        renorm_mean,
+        renorm_stddev,
+        eps,
+        renorm_clipping,
+    )
+    invstd = torch.rsqrt(g_var + eps)
+    count = float(total[0]) if total.numel() else 1.0  # the same for every channel
+    y: Tensor = _CppSyncNormalize.apply(  # type: ignore[no-untyped-call]
+        xt, weight, bias, g_mean, invstd, r, d, count, eps, relu, group
+    )
+    y = y.movedim(1, axis) if axis != 1 else y
+    return y, stats
+
+
+class _CppSyncNormalize(torch.autograd.Function):
+    """``y = act(γ·(x̂·r + d) + β)`` with global statistics, x̂ = (x − μ)·invstd, on the kernels.
+
+    Forward: one ``bnkit::bn_normalize`` pass (μ, invstd, r and d are constants here: the
+    gradient through the statistics is the backward's business). Backward: this rank's
+    ``Σdy'`` and ``Σdy'·(x − μ)`` (``bnkit::bn_grad_sums``), turned into its ``∂L/∂μ`` and
+    ``∂L/∂σ²`` and summed over the ranks with the reference's all-reduce, then
+    ``dx = γ·r·invstd·dy' + (∂L/∂μ + 2·∂L/∂σ²·(x − μ))/W`` (``bnkit::bn_grad_apply``); γ's
+    and β's gradients are this rank's own sums (DDP sums them over the ranks). With
+    ``create_graph`` the backward recomputes the step with differentiable operations
+    (``distributed.sync_moments``) and differentiates that instead.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        r: Tensor | None,
+        d: Tensor | None,
+        count: float,
+        eps: float,
+        relu: bool,
+        group: Any,
+    ) -> Tensor:
+        gain = _sync_gain(weight, r, invstd)
+        scale = gain * invstd
+        shift = torch.zeros_like(invstd) if bias is None else bias.double()
+        if d is not None:
+            shift = shift + (1.0 if weight is None else weight.double()) * d.double()
+        y = cpp.bn_normalize(x, mean, scale, shift, relu=relu)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, r, d, y if relu else None)
+        ctx.count, ctx.eps, ctx.relu, ctx.group = count, eps, relu, group
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, invstd, r, d, y = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _sync_double_backward(ctx, dy, x, weight, bias, r, d)
+        sums = cpp.bn_grad_sums(dy, x, mean, output=y)
+        grad_x = grad_weight = grad_bias = None
+        gain = _sync_gain(weight, r, invstd)
+        if ctx.needs_input_grad[0]:
+            k = gain * invstd
+            cdt = compute_dtype(x.dtype)
+            # The same all-reduce as the reference's backward: ∂L/∂μ and ∂L/∂σ² in the compute
+            # dtype, so that ranks on either path meet in it.
+            gm, gv = distributed.all_reduce_moment_grads(
+                (-k * sums[0]).to(cdt), (-0.5 * k * invstd * invstd * sums[1]).to(cdt), ctx.group
+            )
+            grad_x = cpp.bn_grad_apply(
+                dy, x, mean, invstd, gain, gm.double(), gv.double(), ctx.count, output=y
+            )
+        if weight is not None and ctx.needs_input_grad[1]:
+            # ∂y/∂γ = x̂·r + d
+            term = sums[1] * invstd * (1.0 if r is None else r.double())
+            if d is not None:
+                term = term + sums[0] * d.double()
+            grad_weight = term.to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = sums[0].to(bias.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def _sync_gain(weight: Tensor | None, r: Tensor | None, invstd: Tensor) -> Tensor:
+    """γ·r per channel in float64 (1 for an absent γ or r)."""
+    gain = torch.ones_like(invstd) if weight is None else weight.detach().double()
+    return gain if r is None else gain * r.double()
+
+
+def _sync_double_backward(
+    ctx: Any,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    r: Tensor | None,
+    d: Tensor | None,
+) -> tuple[Tensor | None, ...]:
+    """The backward under ``create_graph``: the step recomputed with differentiable operations
+    (the moments through :func:`distributed.sync_moments`, one more gather, and its
+    all-reduce inside this differentiation), then differentiated with a graph."""
+    cdt = compute_dtype(x.dtype)
+    xf = x.to(cdt)
+    dims = tuple(i for i in range(x.ndim) if i != 1)
+    synced = distributed.sync_moments(xf, dims, group=ctx.group)
+    shape = [1] * x.ndim
+    shape[1] = -1
+    y = (xf - synced.mean) * torch.rsqrt(synced.var + ctx.eps)
+    if r is not None:
+        y = y * r.to(cdt).reshape(shape)
+    if d is not None:
+        y = y + d.to(cdt).reshape(shape)
+    if weight is not None:
+        y = y * weight.to(cdt).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(cdt).reshape(shape)
+    if ctx.relu:
+        y = torch.relu(y)
+    wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate((x, weight, bias))]
+    inputs = [t for t, w in zip((x, weight, bias), wanted, strict=True) if w and t is not None]
+    grads = iter(torch.autograd.grad(y.to(x.dtype), inputs, dy, create_graph=True))
+    return tuple(next(grads) if w else None for w in wanted) + (None,) * 8
 
 
 def _cpp_inference_step(

@@ -38,8 +38,14 @@ other strides are made contiguous first):
   ``bnkit::bn_eval_backward(dy, x, mean, var, weight?, eps, output?, param_grads=True) -> (dx,
   dweight, dbias)``: ``dx = γ·invstd·dy'`` in one pass, the sums for dγ, dβ in another only when
   ``param_grads``; the statistics get no gradient.
-* ``bnkit::bn_stats(x) -> (mean, var)`` and ``bnkit::bn_normalize(x, mean, scale, shift)``:
-  the two halves of a training forward, for tests and ``bnkit bench --kernels ops``.
+* ``bnkit::bn_stats(x, float64=False) -> (mean, var)`` and ``bnkit::bn_normalize(x, mean,
+  scale, shift, relu=False)``: the two halves of a training forward, for synchronized layers
+  (the statistics are merged over the processes in between), tests and ``bnkit bench
+  --kernels ops``.
+* ``bnkit::bn_grad_sums(dy, x, mean, output?) -> (2, C) float64`` and
+  ``bnkit::bn_grad_apply(dy, x, mean, invstd, weight?, grad_mean, grad_var, count, output?) ->
+  dx``: the two halves of a training backward, for synchronized layers (the statistics'
+  gradients are all-reduced in between).
 
 Memory passes: on NCHW input whose channels are small enough for a core's cache, one task
 per channel computes the statistics and then normalizes the channel while it is still cached
@@ -74,6 +80,8 @@ __all__ = [
     "available",
     "bn_backward",
     "bn_eval",
+    "bn_grad_apply",
+    "bn_grad_sums",
     "bn_normalize",
     "bn_stats",
     "bn_train",
@@ -159,12 +167,32 @@ def _register_fakes() -> None:
     def stats_dtype(x: Tensor) -> torch.dtype:
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    def stats_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+    def stats_fake(x: Tensor, float64: bool = False) -> tuple[Tensor, Tensor]:
         c = x.shape[1]
-        dt = stats_dtype(x)
+        dt = torch.float64 if float64 else stats_dtype(x)
         return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
 
-    def normalize_fake(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    def normalize_fake(
+        x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, relu: bool = False
+    ) -> Tensor:
+        return output_like(x)
+
+    def grad_sums_fake(
+        grad_out: Tensor, x: Tensor, mean: Tensor, output: Tensor | None = None
+    ) -> Tensor:
+        return x.new_empty((2, x.shape[1]), dtype=torch.float64)
+
+    def grad_apply_fake(
+        grad_out: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        grad_mean: Tensor,
+        grad_var: Tensor,
+        count: float,
+        output: Tensor | None = None,
+    ) -> Tensor:
         return output_like(x)
 
     def eval_fake(
@@ -254,6 +282,8 @@ def _register_fakes() -> None:
         ("bnkit::bn_eval", eval_fake),
         ("bnkit::bn_backward", backward_fake),
         ("bnkit::bn_train", train_fake),
+        ("bnkit::bn_grad_sums", grad_sums_fake),
+        ("bnkit::bn_grad_apply", grad_apply_fake),
     ):
         torch.library.register_fake(name, fn)
     # bnkit::bn_train's autograd formula is registered in C++ (TrainFunction in
@@ -356,23 +386,87 @@ def build_error() -> str | None:
     return error
 
 
-def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` (channels on dim 1), in ``x``'s dtype.
+def bn_stats(x: Tensor, *, float64: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (channels on dim 1), in ``x``'s dtype
+    (float32 for half-precision input), or in float64 with ``float64``.
 
-    ``μ_c = Σ x / n``, ``σ²_c = Σ (x - μ_c)² / n`` over every dim but 1; no gradient.
+    ``μ_c = Σ x / n``, ``σ²_c = Σ (x - μ_c)² / n`` over every dim but 1; no gradient. The
+    kernel computes both in float64 whatever ``x``'s dtype; ``float64`` keeps them so (the
+    synchronized layers merge the processes' moments in float64).
     """
     if not _state["loaded"]:
         load()
-    mean, var = torch.ops.bnkit.bn_stats(x)
+    mean, var = torch.ops.bnkit.bn_stats.default(x, float64)
     return mean, var
 
 
-def bn_normalize(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``y = (x - mean_c)·scale_c + shift_c`` in ``x``'s dtype and memory format; no gradient."""
+def bn_normalize(
+    x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, *, relu: bool = False
+) -> Tensor:
+    """``y = act((x - mean_c)·scale_c + shift_c)`` in ``x``'s dtype and memory format, ``act``
+    the ReLU with ``relu``; no gradient."""
     if not _state["loaded"]:
         load()
-    y: Tensor = torch.ops.bnkit.bn_normalize(x, mean, scale, shift)
+    y: Tensor = torch.ops.bnkit.bn_normalize.default(x, mean, scale, shift, relu)
     return y
+
+
+def bn_grad_sums(
+    grad_out: Tensor, x: Tensor, mean: Tensor, *, output: Tensor | None = None
+) -> Tensor:
+    """The training backward's per-channel sums alone: a (2, C) float64 tensor of ``Σdy'`` and
+    ``Σdy'·(x − mean_c)``, ``dy' = dy`` or, with ``output`` (a fused ReLU's result),
+    ``dy·[output > 0]``. One pass; no gradient.
+
+    With :func:`bn_grad_apply`, the backward of statistics shared by several processes: each
+    process sums its own values, the terms are all-reduced, then each computes its gradient.
+    """
+    if not _state["loaded"]:
+        load()
+    sums: Tensor = torch.ops.bnkit.bn_grad_sums.default(grad_out, x, mean, output)
+    return sums
+
+
+def bn_grad_apply(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    grad_mean: Tensor,
+    grad_var: Tensor,
+    count: float,
+    *,
+    output: Tensor | None = None,
+) -> Tensor:
+    """The training backward's input gradient from the statistics' gradients, one pass:
+    ``dx = γ_c·invstd_c·dy' + (grad_mean_c + 2·grad_var_c·(x − mean_c))/count``.
+
+    ``grad_mean`` and ``grad_var`` are ``∂L/∂μ`` and ``∂L/∂σ²`` summed over every process
+    that shares the statistics (from :func:`bn_grad_sums`: ``−γ·invstd·Σdy'`` and
+    ``−½·γ·invstd³·Σdy'·(x − μ)`` per process), ``count`` the values per channel over all of
+    them, ``weight`` γ (γ·r with batch renormalization; None for 1); ``dy'`` as in
+    :func:`bn_grad_sums`. No gradient.
+
+    Example:
+        >>> import torch
+        >>> from bnkit.kernels import cpp
+        >>> x, dy = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
+        >>> if cpp.available():  # one process: the same as the fused backward
+        ...     mean, var = cpp.bn_stats(x, float64=True)
+        ...     invstd = (var + 1e-5).rsqrt()
+        ...     s1, s2 = cpp.bn_grad_sums(dy, x, mean)
+        ...     gx = cpp.bn_grad_apply(dy, x, mean, invstd, None, -invstd * s1,
+        ...                            -0.5 * invstd**3 * s2, 24.0)
+        ...     ref = cpp.bn_backward(dy, x, mean, invstd)[0]
+        ...     torch.testing.assert_close(gx, ref, rtol=1e-4, atol=1e-5)
+    """
+    if not _state["loaded"]:
+        load()
+    gx: Tensor = torch.ops.bnkit.bn_grad_apply.default(
+        grad_out, x, mean, invstd, weight, grad_mean, grad_var, float(count), output
+    )
+    return gx
 
 
 def bn_eval(

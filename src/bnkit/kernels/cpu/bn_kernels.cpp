@@ -1,8 +1,9 @@
 // bnkit's CPU batch-norm kernels (used by bnkit.functional under policy kernels="cpp").
 //
 // Operators (namespace bnkit, schemas at the end of this file):
-//   bn_stats(x) -> (mean, var)            per-channel mean and biased variance, one pass
-//   bn_normalize(x, mean, scale, shift)   y = (x - mean_c) * scale_c + shift_c, one pass
+//   bn_stats(x, float64) -> (mean, var)   per-channel mean and biased variance, one pass
+//   bn_normalize(x, mean, scale, shift, relu)
+//                                         y = act((x - mean_c) * scale_c + shift_c), one pass
 //   bn_eval(x, mean, var, weight?, bias?, eps, relu)
 //                                         y = act((x - mean_c) * gamma_c / sqrt(var_c + eps) + beta_c)
 //                                         (autograd in C++: EvalFunction, via bn_eval_backward)
@@ -28,6 +29,11 @@
 //                                         training backward: Σdy' and Σdy'·(x - mean) per
 //                                         (ghost, channel), then dx; dy' = dy masked by
 //                                         output > 0 when output (the ReLU's result) is given
+//   bn_grad_sums(dy, x, mean, output?) -> (2, C) float64
+//                                         the backward's sums alone, Σdy' and Σdy'·(x - mean)
+//   bn_grad_apply(dy, x, mean, invstd, weight?, grad_mean, grad_var, count, output?) -> dx
+//                                         the backward's input gradient from statistics'
+//                                         gradients summed over processes (synchronized layers)
 //
 // Layouts: channels on dim 1. A tensor is seen as "blocks" (n, C, inner) when it is contiguous
 // (NCHW, NCL, NCDHW), or as "rows" (n, inner, C) when its channels are innermost (channels-last
@@ -1881,7 +1887,7 @@ static void dispatch_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input, bool float64) {
   check_input(input);
   const Geometry g = geometry_of(input);
   TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_stats: no values per channel (shape ",
@@ -1895,12 +1901,13 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input) {
       statistics<T>(g, g.x.const_data_ptr<T>(), mean.data_ptr<double>(), var.data_ptr<double>());
     });
   }
+  if (float64) return {mean, var};
   const auto out = stats_dtype(input.scalar_type());
   return {mean.to(out), var.to(out)};
 }
 
 at::Tensor bn_normalize(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& scale,
-                        const at::Tensor& shift) {
+                        const at::Tensor& shift, bool relu) {
   check_input(input);
   const Geometry g = geometry_of(input);
   check_vector(mean, g.c, "mean");
@@ -1910,7 +1917,7 @@ at::Tensor bn_normalize(const at::Tensor& input, const at::Tensor& mean, const a
   dispatch_dtype(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     y = affine_pass<T>(g, values_of<double>(mean), values_of<double>(scale),
-                       values_of<double>(shift), false);
+                       values_of<double>(shift), relu);
   });
   return y;
 }
@@ -2283,6 +2290,52 @@ static void ghost_local_backward(const Geometry& g, const GradTerms& t, const T*
   });
 }
 
+// Σdy' and Σdy'·(x - mu) per (ghost, channel) into s1, s2 (ghosts * C doubles each) in one
+// pass over memory, mu the (ghosts * C) means in the accumulation type.
+template <typename T, bool Relu>
+static void all_grad_sums(const Geometry& g, const typename Acc<T>::type* mu, const T* dy,
+                          const T* y, double* s1, double* s2) {
+  using A = typename Acc<T>::type;
+  const T* x = g.x.const_data_ptr<T>();
+  const int64_t cc = g.c;
+  if (g.rows) {
+    row_sums<A>(g, s1, s2, [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
+      grad_row_sums<T, A, Relu>(x, dy, y, cc, begin, end, mu + gh * cc, q1, q2);
+    });
+  } else {
+    block_sums<A>(g, s1, s2,
+                  [&](A& a1, A& a2, int64_t off, int64_t len, int64_t gh, int64_t ch) {
+                    grad_sums<T, A, Relu>(x + off, dy + off, y + off, len, mu[gh * cc + ch], a1,
+                                          a2);
+                  });
+  }
+}
+
+// The input gradient's pass without sample weights, gx = a·dy' + b·(x - m) + e with the
+// (ghosts * C) coefficients of grad_coefficients().
+template <typename T, bool Relu, typename A>
+static void grad_input_pass(const Geometry& g, const T* dy, const T* y, T* gx, bool stream,
+                            const A* m, const A* a, const A* b, const A* e) {
+  const T* x = g.x.const_data_ptr<T>();
+  const int64_t cc = g.c;
+  for_all(
+      g,
+      [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+        const int64_t i = gh * cc + ch;
+        write_run(stream, gx + off, len, [&](T* out, int64_t at, int64_t count) {
+          const int64_t o = off + at;
+          grad_run<T, A, Relu>(x + o, dy + o, y + o, out, count, m[i], a[i], b[i], e[i]);
+        });
+      },
+      [&](int64_t row, int64_t gh) {
+        const int64_t i = gh * cc, o = row * cc;
+        write_run(stream, gx + o, cc, [&](T* out, int64_t at, int64_t count) {
+          const int64_t p = o + at, q = i + at;
+          grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m + q, a + q, b + q, e + q);
+        });
+      });
+}
+
 template <typename T, bool Relu>
 static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, const T* y, T* gx,
                            double* s1, double* s2) {
@@ -2367,17 +2420,7 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
   const int64_t width = gs * cc;
   const auto mu = scratch<A>(width);
   for (int64_t i = 0; i < width; ++i) mu[i] = static_cast<A>(t.mean[i]);
-  if (g.rows) {
-    row_sums<A>(g, s1, s2, [&](A* q1, A* q2, int64_t begin, int64_t end, int64_t gh) {
-      grad_row_sums<T, A, Relu>(x, dy, y, cc, begin, end, mu.get() + gh * cc, q1, q2);
-    });
-  } else {
-    block_sums<A>(g, s1, s2,
-                         [&](A& a1, A& a2, int64_t off, int64_t len, int64_t gh, int64_t ch) {
-                           grad_sums<T, A, Relu>(x + off, dy + off, y + off, len,
-                                                 mu[gh * cc + ch], a1, a2);
-                         });
-  }
+  all_grad_sums<T, Relu>(g, mu.get(), dy, y, s1, s2);
   // grad_coefficients() for every (ghost, channel), one ghost's C values at a time.
   const std::vector<double> gamma_r = grad_gains(t, cc);
   const auto m = scratch<A>(width), a = scratch<A>(width), b = scratch<A>(width),
@@ -2418,23 +2461,15 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
         });
     return;
   }
-  for_all(
-      g,
-      [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
-        const int64_t i = gh * cc + ch;
-        write_run(stream, gx + off, len, [&](T* out, int64_t at, int64_t count) {
-          const int64_t o = off + at;
-          grad_run<T, A, Relu>(x + o, dy + o, y + o, out, count, m[i], a[i], b[i], e[i]);
-        });
-      },
-      [&](int64_t row, int64_t gh) {
-        const int64_t i = gh * cc, o = row * cc;
-        write_run(stream, gx + o, cc, [&](T* out, int64_t at, int64_t count) {
-          const int64_t p = o + at, q = i + at;
-          grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m.get() + q, a.get() + q,
-                               b.get() + q, e.get() + q);
-        });
-      });
+  grad_input_pass<T, Relu>(g, dy, y, gx, stream, m.get(), a.get(), b.get(), e.get());
+}
+
+// A tensor that goes with the input x of operator op (grad_out, output): same shape, CPU.
+static void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* op,
+                             const char* name) {
+  TORCH_CHECK(t.sizes() == input.sizes(), "bnkit::", op, ": ", name, " shape ", t.sizes(),
+              " differs from x shape ", input.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "bnkit: CPU tensors only");
 }
 
 // t in the memory layout of the geometry's x (equal strides), copying only when needed.
@@ -2456,9 +2491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     const std::optional<at::Tensor>& d, const std::optional<at::Tensor>& output,
     const std::optional<at::Tensor>& sample_weight) {
   check_input(input);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnkit::bn_backward: grad_out shape ",
-              grad_out.sizes(), " differs from x shape ", input.sizes());
-  TORCH_CHECK(grad_out.device().is_cpu(), "bnkit: CPU tensors only");
+  check_like_input(grad_out, input, "bn_backward", "grad_out");
   Geometry g = geometry_of(input, ghosts, strided);
   attach_weights(g, sample_weight);
   TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_backward: no values per channel (shape ",
@@ -2474,10 +2507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     check_vector(*r, g.c, "r");
     check_vector(*d, g.c, "d");
   }
-  if (has(output)) {
-    TORCH_CHECK(output->sizes() == input.sizes(), "bnkit::bn_backward: output shape ",
-                output->sizes(), " differs from x shape ", input.sizes());
-  }
+  if (has(output)) check_like_input(*output, input, "bn_backward", "output");
   GradTerms t;
   t.mean = values_of<double>(mean);
   t.invstd = values_of<double>(invstd);
@@ -2523,6 +2553,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
   }
   const auto out = stats_dtype(dtype);
   return {gx, tensor_of(gw, {g.c}, out), tensor_of(gb, {g.c}, out)};
+}
+
+// The backward in two halves, for statistics over several processes (synchronized layers):
+// each process's sums first, then the input gradient from terms that the caller all-reduced
+// in between. One pass over memory each; the fused backward's channel tiles need the sums
+// within the tile, so they cannot serve here.
+
+// Σdy' and Σdy'·(x − mean) per channel as a (2, C) float64 tensor; dy' = dy, or dy masked by
+// output > 0 for the fused ReLU.
+at::Tensor bn_grad_sums(const at::Tensor& grad_out, const at::Tensor& input,
+                        const at::Tensor& mean, const std::optional<at::Tensor>& output) {
+  check_input(input);
+  check_like_input(grad_out, input, "bn_grad_sums", "grad_out");
+  if (has(output)) check_like_input(*output, input, "bn_grad_sums", "output");
+  const Geometry g = geometry_of(input);
+  check_vector(mean, g.c, "mean");
+  const auto dtype = input.scalar_type();
+  const at::Tensor dy = like_geometry(grad_out.to(dtype), g);
+  const at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  at::Tensor sums = at::zeros({2, g.c}, input.options().dtype(at::kDouble));
+  if (g.x.numel() == 0) return sums;
+  double* const s = sums.data_ptr<double>();
+  const std::vector<double> mv = values_of<double>(mean);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const std::vector<typename Acc<T>::type> mu(mv.begin(), mv.end());
+    auto run = [&](auto relu_tag) {
+      all_grad_sums<T, decltype(relu_tag)::value>(g, mu.data(), dy.const_data_ptr<T>(),
+                                                  y.const_data_ptr<T>(), s, s + g.c);
+    };
+    if (has(output)) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+  });
+  return sums;
+}
+
+// dx = γ·invstd·dy' + (grad_mean + 2·grad_var·(x − mean))/count per channel: the gradient of
+// x̂ = (x − μ)·invstd through y plus the statistics' own, where grad_mean and grad_var are
+// ∂L/∂μ and ∂L/∂σ² summed over the processes (−Σ γ·invstd·Σdy' and −½·Σ γ·invstd³·Σdy'·(x − μ)
+// from the bn_grad_sums of each) and count the values per channel over all of them. With
+// renorm, weight is γ·r.
+at::Tensor bn_grad_apply(const at::Tensor& grad_out, const at::Tensor& input,
+                         const at::Tensor& mean, const at::Tensor& invstd,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& grad_mean,
+                         const at::Tensor& grad_var, double count,
+                         const std::optional<at::Tensor>& output) {
+  check_input(input);
+  check_like_input(grad_out, input, "bn_grad_apply", "grad_out");
+  if (has(output)) check_like_input(*output, input, "bn_grad_apply", "output");
+  TORCH_CHECK(count > 0, "bnkit::bn_grad_apply: count must be positive, got ", count);
+  const Geometry g = geometry_of(input);
+  check_vector(mean, g.c, "mean");
+  check_vector(invstd, g.c, "invstd");
+  if (has(weight)) check_vector(*weight, g.c, "weight");
+  check_vector(grad_mean, g.c, "grad_mean");
+  check_vector(grad_var, g.c, "grad_var");
+  GradTerms t;
+  t.mean = values_of<double>(mean);
+  t.invstd = values_of<double>(invstd);
+  t.weight = values_of<double>(weight);
+  t.grad_mean = values_of<double>(grad_mean);
+  t.grad_var = values_of<double>(grad_var);
+  const auto dtype = input.scalar_type();
+  const at::Tensor dy = like_geometry(grad_out.to(dtype), g);
+  const at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  at::Tensor gx = new_like(g.x);
+  if (g.x.numel() == 0) return gx;
+  const std::vector<double> zeros(g.c, 0.0), gamma_r = grad_gains(t, g.c);
+  const bool stream = streams_bytes(g.x.nbytes());
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    std::vector<A> mu(t.mean.begin(), t.mean.end()), m(g.c), a(g.c), b(g.c), e(g.c);
+    // Zero sums: the all-reduced grad_mean and grad_var carry every process's.
+    ghost_grad_coefficients<A>(t, 0, g.c, gamma_r.data(), mu.data(), zeros.data(), zeros.data(),
+                               count, m.data(), a.data(), b.data(), e.data());
+    auto run = [&](auto relu_tag) {
+      grad_input_pass<T, decltype(relu_tag)::value>(g, dy.const_data_ptr<T>(),
+                                                    y.const_data_ptr<T>(), gx.data_ptr<T>(),
+                                                    stream, m.data(), a.data(), b.data(),
+                                                    e.data());
+    };
+    if (has(output)) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+  });
+  return gx;
 }
 
 // ------------------------------------------------------------------------------ eval backward
@@ -3025,8 +3147,10 @@ int64_t stream_set_threshold(int64_t bytes) {
 }  // namespace bnkit_cpu
 
 TORCH_LIBRARY_FRAGMENT(bnkit, m) {
-  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
-  m.def("bn_normalize(Tensor x, Tensor mean, Tensor scale, Tensor shift) -> Tensor");
+  m.def("bn_stats(Tensor x, bool float64=False) -> (Tensor, Tensor)");
+  m.def(
+      "bn_normalize(Tensor x, Tensor mean, Tensor scale, Tensor shift, bool relu=False) -> "
+      "Tensor");
   m.def(
       "bn_eval(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
       "bool relu=False) -> Tensor");
@@ -3046,6 +3170,10 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
   m.def(
       "bn_eval_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var, Tensor? weight, "
       "float eps, Tensor? output=None, bool param_grads=True) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_grad_sums(Tensor grad_out, Tensor x, Tensor mean, Tensor? output=None) -> Tensor");
+  m.def(
+      "bn_grad_apply(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor grad_mean, Tensor grad_var, float count, Tensor? output=None) -> Tensor");
   m.def("pool_cached_bytes() -> int", &bnkit_cpu::pool_cached_bytes);
   m.def("pool_set_limit(int bytes) -> int", &bnkit_cpu::pool_set_limit);
   m.def("stream_set_threshold(int bytes) -> int", &bnkit_cpu::stream_set_threshold);
@@ -3058,6 +3186,8 @@ TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
   m.impl("bn_train", &bnkit_cpu::bn_train);
   m.impl("bn_backward", &bnkit_cpu::bn_backward);
   m.impl("bn_eval_backward", &bnkit_cpu::bn_eval_backward);
+  m.impl("bn_grad_sums", &bnkit_cpu::bn_grad_sums);
+  m.impl("bn_grad_apply", &bnkit_cpu::bn_grad_apply);
 }
 
 TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {

@@ -10,6 +10,10 @@ Run on CPU (gloo), and unchanged on GPUs (NCCL, one GPU per process)::
 
     torchrun --nproc_per_node=2 examples/ddp_train.py
     torchrun --nproc_per_node=2 examples/ddp_train.py --steps 50 --batch-size 64
+    torchrun --nproc_per_node=2 examples/ddp_train.py --kernels cpp   # bnkit's C++ kernels
+
+With ``--kernels cpp`` (CPU) the synchronized layers run on bnkit's C++ kernels: the same
+collectives, the same statistics, fewer passes over the activations.
 
 Across machines, start the same command on each with torchrun's rendezvous::
 
@@ -83,7 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=30, help="global batch size")
+    parser.add_argument(
+        "--kernels",
+        choices=("torch", "cpp"),
+        default="torch",
+        help="the kernels policy: cpp runs the batch norm on bnkit's C++ kernels (CPU)",
+    )
     args = parser.parse_args(argv)
+    bnkit.set_policy(kernels=args.kernels)
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")  # env:// settings from torchrun
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     assert layer.running_var is not None
     mean = layer.running_mean.cpu().tolist()
     var = layer.running_var.cpu().tolist()
-    say(f"rank {rank}: {rows.stop - rows.start} samples per step")
+    say(f"rank {rank}: {rows.stop - rows.start} samples per step, kernels={args.kernels}")
     say(f"rank {rank}: running_mean {mean} running_var {var}")
     # Identical bits everywhere: compare through a collective.
     stats = torch.cat([layer.running_mean, layer.running_var]).to(device)

@@ -430,3 +430,41 @@ def test_eval_grad_benchmark_script_prints_its_table(capsys: pytest.CaptureFixtu
         ]
     ).splitlines()[-1]
     assert line == "| 8x4 | NC | x | 3.000 | 4.000 | 0.500 | 0.75 | 6.0 |"
+
+
+def test_sync_benchmark_script_prints_its_table() -> None:
+    # Spawns two gloo processes (a few seconds): the rows, in order, with positive times.
+    import pathlib
+    import subprocess
+    import sys
+
+    from bnkit.kernels import cpp
+
+    if not cpp.available():
+        pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sync_bench.py"
+    done = subprocess.run(
+        [sys.executable, str(path), "--shapes", "4x3x2x2,6x5", "--repeats", "1", "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| 4x3x2x2", "| 6x5"))]
+    assert [row.split("|")[2].strip() for row in rows] == ["NCHW", "NHWC", "NC"]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        times = [float(v) for v in cells[2:7]]
+        assert all(t > 0 for t in times), row
+        # The ratio columns are the times' ratios (rounded as printed).
+        assert float(cells[7]) == pytest.approx(times[0] / times[1], abs=0.006)
+    bad = subprocess.run(
+        [sys.executable, str(path), "--shapes", "5x3", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "batch 5 of 5x3 does not split over 2 ranks" in bad.stderr

@@ -38,8 +38,10 @@ def test_masked_sequences_mask_recovers_the_real_statistics(capsys):
     assert "with weights=mask" in capsys.readouterr().out
 
 
-def test_ddp_train_under_torchrun_ends_with_identical_statistics() -> None:
-    # Two processes with uneven shares (17 and 13 of 30 samples), as torchrun starts them.
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+def test_ddp_train_under_torchrun_ends_with_identical_statistics(kernels: str) -> None:
+    # Two processes with uneven shares (17 and 13 of 30 samples), as torchrun starts them;
+    # on the reference path and on the C++ kernels.
     command = [
         sys.executable,
         "-m",
@@ -49,6 +51,8 @@ def test_ddp_train_under_torchrun_ends_with_identical_statistics() -> None:
         str(EXAMPLES / "ddp_train.py"),
         "--steps",
         "6",
+        "--kernels",
+        kernels,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
@@ -57,6 +61,7 @@ def test_ddp_train_under_torchrun_ends_with_identical_statistics() -> None:
     assert sorted(stats) == ["0", "1"], done.stdout
     assert stats["0"] == stats["1"]  # the running statistics, printed in full on each rank
     assert "identical on all 2 ranks: True" in done.stdout
+    assert f"kernels={kernels}" in done.stdout
 
 
 def test_fast_cpu_training_agrees_with_pytorch_kernels(capsys):

@@ -50,6 +50,7 @@ __all__ = [
     "SyncedMoments",
     "all_reduce_moment_grads",
     "is_active",
+    "known_moments",
     "merge_moments",
     "sync_ghost_statistics",
     "sync_moments",
@@ -271,7 +272,12 @@ class SyncedMoments(NamedTuple):
 
 
 class _SyncMoments(torch.autograd.Function):
-    """Global moments; forward: one all_gather, backward: one all_reduce."""
+    """Global moments; forward: one all_gather, backward: one all_reduce.
+
+    With ``known`` (the global ``(mean, var, count)`` already gathered, in ``x``'s dtype and
+    reduced shape; unweighted) the forward runs no collective and returns them: the backward
+    is the same, for a caller that gathered the moments itself (see :func:`known_moments`).
+    """
 
     @staticmethod
     def forward(
@@ -280,7 +286,17 @@ class _SyncMoments(torch.autograd.Function):
         w: Tensor | None,
         dims: tuple[int, ...],
         group: ProcessGroup | None,
+        known: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if known is not None:
+            # New tensors, and the ones saved: saved outputs take part in double backward.
+            out_mean, out_var, out_count = (t.detach().clone() for t in known)
+            safe = torch.where(out_count > 0, out_count, torch.ones_like(out_count))
+            ctx.save_for_backward(x, None, out_mean, out_var, safe)
+            ctx.group = group
+            out_elements = out_count.clone()
+            ctx.mark_non_differentiable(out_count, out_elements)
+            return out_mean, out_var, out_count, out_elements
         merge = _merge_dtype(x.device)
         count, mean, m2 = _local_moments(x, dims, w, merge)
         rows = [count, mean, m2]
@@ -303,7 +319,7 @@ class _SyncMoments(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, g_mean: Tensor, g_var: Tensor, _g_count: Tensor, _g_elements: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         x, w, mean, var, total = ctx.saved_tensors
         gm, gv = all_reduce_moment_grads(g_mean, g_var, ctx.group)
         centered = x - mean
@@ -314,7 +330,7 @@ class _SyncMoments(torch.autograd.Function):
         if w is not None and ctx.needs_input_grad[1]:
             full = (gm * centered + gv * (centered * centered - var)) / total
             grad_w = full.sum_to_size(w.shape)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 def sync_moments(
@@ -379,6 +395,30 @@ def sync_moments(
         x, w, dims_t, group
     )
     return SyncedMoments(mean, var, n, elements)
+
+
+def known_moments(
+    x: Tensor,
+    dims: tuple[int, ...],
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    group: ProcessGroup | None = None,
+) -> SyncedMoments:
+    """:func:`sync_moments` of ``x`` whose global moments the caller has already gathered.
+
+    No collective runs forward; the results are ``mean``, ``var`` and ``count`` (reshaped to
+    ``x`` reduced over ``dims``, in ``x``'s dtype, unweighted), differentiable as
+    :func:`sync_moments`' are: the backward all-reduces their gradients with the same
+    collective. The synchronized kernel step differentiates through it under
+    ``create_graph``, so its collectives stay those of the reference path.
+    """
+    shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
+    known = tuple(t.to(x.dtype).reshape(shape) for t in (mean, var, count))
+    out_mean, out_var, n, elements = _SyncMoments.apply(  # type: ignore[no-untyped-call]
+        x, None, dims, group, known
+    )
+    return SyncedMoments(out_mean, out_var, n, elements)
 
 
 # -------------------------------------------------------------------- ghost batches

@@ -1468,7 +1468,7 @@ def _cpp_sync_training_step(
     invstd = torch.rsqrt(g_var + eps)
     count = float(total[0]) if total.numel() else 1.0  # the same for every channel
     y: Tensor = _CppSyncNormalize.apply(  # type: ignore[no-untyped-call]
-        xt, weight, bias, g_mean, invstd, r, d, count, eps, relu, group
+        xt, weight, bias, g_mean, g_var, invstd, r, d, count, eps, relu, group
     )
     y = y.movedim(1, axis) if axis != 1 else y
     return y, stats
@@ -1484,7 +1484,7 @@ class _CppSyncNormalize(torch.autograd.Function):
     ``dx = γ·r·invstd·dy' + (∂L/∂μ + 2·∂L/∂σ²·(x − μ))/W`` (``bnkit::bn_grad_apply``); γ's
     and β's gradients are this rank's own sums (DDP sums them over the ranks). With
     ``create_graph`` the backward recomputes the step with differentiable operations
-    (``distributed.sync_moments``) and differentiates that instead.
+    (``distributed.known_moments``: the same all-reduce) and differentiates that instead.
     """
 
     @staticmethod
@@ -1494,6 +1494,7 @@ class _CppSyncNormalize(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         mean: Tensor,
+        var: Tensor,
         invstd: Tensor,
         r: Tensor | None,
         d: Tensor | None,
@@ -1508,15 +1509,15 @@ class _CppSyncNormalize(torch.autograd.Function):
         if d is not None:
             shift = shift + (1.0 if weight is None else weight.double()) * d.double()
         y = cpp.bn_normalize(x, mean, scale, shift, relu=relu)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, r, d, y if relu else None)
+        ctx.save_for_backward(x, weight, bias, mean, var, invstd, r, d, y if relu else None)
         ctx.count, ctx.eps, ctx.relu, ctx.group = count, eps, relu, group
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, mean, invstd, r, d, y = ctx.saved_tensors
+        x, weight, bias, mean, var, invstd, r, d, y = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return _sync_double_backward(ctx, dy, x, weight, bias, r, d)
+            return _sync_double_backward(ctx, dy, x, weight, bias, mean, var, r, d)
         sums = cpp.bn_grad_sums(dy, x, mean, output=y)
         grad_x = grad_weight = grad_bias = None
         gain = _sync_gain(weight, r, invstd)
@@ -1539,7 +1540,7 @@ class _CppSyncNormalize(torch.autograd.Function):
             grad_weight = term.to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sums[0].to(bias.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return (grad_x, grad_weight, grad_bias) + (None,) * 9
 
 
 def _sync_gain(weight: Tensor | None, r: Tensor | None, invstd: Tensor) -> Tensor:
@@ -1554,16 +1555,20 @@ def _sync_double_backward(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
     r: Tensor | None,
     d: Tensor | None,
 ) -> tuple[Tensor | None, ...]:
-    """The backward under ``create_graph``: the step recomputed with differentiable operations
-    (the moments through :func:`distributed.sync_moments`, one more gather, and its
-    all-reduce inside this differentiation), then differentiated with a graph."""
+    """The backward under ``create_graph``: the step recomputed with differentiable operations,
+    as the reference path computes it (the moments through :func:`distributed.known_moments`:
+    the global statistics already gathered, with the reference's backward and its one
+    all-reduce), then differentiated with a graph."""
     cdt = compute_dtype(x.dtype)
     xf = x.to(cdt)
     dims = tuple(i for i in range(x.ndim) if i != 1)
-    synced = distributed.sync_moments(xf, dims, group=ctx.group)
+    count = torch.full_like(mean, ctx.count)
+    synced = distributed.known_moments(xf, dims, mean, var, count, ctx.group)
     shape = [1] * x.ndim
     shape[1] = -1
     y = (xf - synced.mean) * torch.rsqrt(synced.var + ctx.eps)
@@ -1580,7 +1585,7 @@ def _sync_double_backward(
     wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate((x, weight, bias))]
     inputs = [t for t, w in zip((x, weight, bias), wanted, strict=True) if w and t is not None]
     grads = iter(torch.autograd.grad(y.to(x.dtype), inputs, dy, create_graph=True))
-    return tuple(next(grads) if w else None for w in wanted) + (None,) * 8
+    return tuple(next(grads) if w else None for w in wanted) + (None,) * 9
 
 
 def _cpp_inference_step(

@@ -628,7 +628,7 @@ def _on_kernels(make: Callable[[bool], nn.Module]) -> Callable[[bool], nn.Module
 class _KernelCalls:
     """Counts the synchronized kernel path's operator calls (forward and backward)."""
 
-    NAMES = ("bn_normalize", "bn_grad_sums", "bn_grad_apply")
+    NAMES = ("bn_normalize", "bn_grad_sums", "bn_grad_apply", "train")
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = dict.fromkeys(self.NAMES, 0)
@@ -660,7 +660,7 @@ def _check_kernels(rank: int, world: int, expect: Expect) -> None:
     with _KernelCalls() as ops:
         _equivalence(rank, expect, _on_kernels(_bn2d()), [5, 3, 2][:world])
     # 3 steps: one normalize pass forward, the sums and the gradient pass backward, each.
-    expected = dict.fromkeys(_KernelCalls.NAMES, 3)
+    expected = {**dict.fromkeys(_KernelCalls.NAMES, 3), "train": 0}
     expect.true(f"kernel calls {ops.calls}, wanted {expected}", ops.calls == expected)
 
     options = {
@@ -688,6 +688,46 @@ def _check_kernels(rank: int, world: int, expect: Expect) -> None:
         return bnkit.BatchNorm1d(CHANNELS, sync=sync, momentum=None)
 
     _equivalence(rank, expect, _on_kernels(two_d), [6, 2, 3][:world], shape=(CHANNELS,))
+
+
+def _check_kernels_ghost_batches(rank: int, world: int, expect: Expect) -> None:
+    """Ghost batches on the kernels: each rank's own ghosts through bn_train, the running
+    statistics from every ghost of every rank (rank 2's batch is empty: reference path)."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    sizes = [4, 2, 0][:world] if world == 3 else [2, 4]
+    with _KernelCalls() as ops:
+        _equivalence(
+            rank,
+            expect,
+            _on_kernels(_bn2d(virtual_batch_size=2, momentum=0.3, activation="relu")),
+            sizes,
+        )
+    steps = 3 if sizes[rank] else 0
+    expect.true(f"bn_train calls {ops.calls}", ops.calls["train"] == steps)
+    # Strided ghosts have no one-process oracle over the concatenated batch: the kernel path
+    # against the reference path, the same layer on the same data.
+    outputs = []
+    for kernels in ("cpp", "torch"):
+        layer = _randomized(
+            bnkit.BatchNorm2d(
+                CHANNELS,
+                sync=True,
+                virtual_batch_size=2,
+                ghost_layout="strided",
+                policy={"kernels": kernels},
+            )
+        )
+        g = torch.Generator().manual_seed(60 + rank)
+        x = torch.randn(4 + 2 * rank, CHANNELS, 3, 3, generator=g).requires_grad_()
+        y = layer(x)
+        (y * torch.randn(y.shape, generator=g)).sum().backward()
+        assert x.grad is not None
+        outputs.append((y.detach(), x.grad, layer.running_mean, layer.running_var))
+    names = ("output", "input gradient", "running_mean", "running_var")
+    for what, a, b in zip(names, *outputs, strict=True):
+        expect.close(f"strided ghosts: {what}, kernels against reference", a, b)
 
 
 def _check_kernels_meet_reference_ranks(rank: int, world: int, expect: Expect) -> None:
@@ -852,6 +892,7 @@ SUITES: dict[str, list[tuple[str, Check]]] = {
         ("collectives_per_step", _check_collectives_per_step),
         ("sync_running_stats", _check_sync_running_stats),
         ("kernels", _check_kernels),
+        ("kernels_ghost_batches", _check_kernels_ghost_batches),
         ("kernels_meet_reference_ranks", _check_kernels_meet_reference_ranks),
         ("kernels_large_mean", _check_kernels_large_mean),
         ("kernels_collectives", _check_kernels_collectives),

@@ -1095,7 +1095,10 @@ def batch_norm(
         y = _inference_step(x, a, running_mean, running_var, weight, bias, eps)
     elif sync and distributed.is_active(process_group):
         # Before the empty-batch shortcut: an empty rank still takes part in the collectives.
-        if impl == "cpp" and _cpp_sync_serves(x, a, weights, virtual_batch_size, adjustment):
+        served = impl == "cpp" and _cpp_sync_serves(
+            x, a, weights, virtual_batch_size, ghost_layout, renorm_mean, adjustment
+        )
+        if served and virtual_batch_size is None:
             y, stats = _cpp_sync_training_step(
                 x,
                 a,
@@ -1111,6 +1114,23 @@ def batch_norm(
                 relu=activation == "relu",
                 group=process_group,
             )
+        elif served:
+            assert virtual_batch_size is not None
+            y, stats = _cpp_sync_ghost_step(
+                x,
+                a,
+                weight=weight,
+                bias=bias,
+                running_mean=running_mean,
+                running_var=running_var,
+                momentum=momentum,
+                eps=eps,
+                ghosts=x.shape[0] // virtual_batch_size,
+                strided=ghost_layout == "strided",
+                relu=activation == "relu",
+                group=process_group,
+            )
+        if served:
             if activation != "relu" and act is not None:
                 y = act(y)
             return (y, stats) if return_stats else y
@@ -1408,19 +1428,68 @@ def _cpp_sync_serves(
     axis: int,
     weights: Tensor | None,
     virtual_batch_size: int | None,
+    ghost_layout: str,
+    renorm_mean: Tensor | None,
     adjustment: Adjustment | None,
 ) -> bool:
     """Whether a synchronized training step runs on the C++ kernels (the caller has checked
-    that they take ``x``): global statistics over the whole batch, unweighted, without an
-    adjustment, in eager mode, with at least two values per channel on this rank.
+    that they take ``x``): unweighted, without an adjustment, in eager mode, with at least two
+    values per channel (per ghost batch) on this rank; global statistics over the whole batch,
+    or ghost batches without renorm (whose r and d would need every rank's ghosts before the
+    normalizing pass).
 
     Every rank of a step decides the same way except on the batch size: a rank with an empty
     batch (or one value per channel) takes the reference path, whose collectives are the same
-    (``distributed.merge_moments``, ``distributed.all_reduce_moment_grads``).
+    (``distributed.merge_moments`` and ``distributed.all_reduce_moment_grads``; with ghost
+    batches ``distributed.sync_ghost_statistics``).
     """
-    if weights is not None or virtual_batch_size is not None or adjustment is not None:
+    if weights is not None or adjustment is not None or torch.compiler.is_compiling():
         return False
-    return x.numel() >= 2 * x.shape[axis] and not torch.compiler.is_compiling()
+    if virtual_batch_size is None:
+        return x.numel() >= 2 * x.shape[axis]
+    if renorm_mean is not None or x.shape[0] == 0:
+        return False
+    _check_ghosts(x.shape[0], virtual_batch_size, ghost_layout)  # its messages, as the reference
+    per_ghost = x.numel() // x.shape[axis] // (x.shape[0] // virtual_batch_size)
+    return per_ghost >= 2
+
+
+def _cpp_sync_ghost_step(
+    x: Tensor,
+    axis: int,
+    *,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    ghosts: int,
+    strided: bool,
+    relu: bool,
+    group: Any,
+) -> tuple[Tensor, BatchStats | None]:
+    """A synchronized training step with ghost batches on the C++ kernels, as
+    :func:`_sync_training_step` computes it: each rank normalizes its own ghosts
+    (``bnkit::bn_train``, forward and backward local), and only the statistics that feed the
+    running averages are averaged over every ghost of every rank
+    (``distributed.sync_ghost_statistics``, one gather; no backward collective)."""
+    xt = x.movedim(axis, 1) if axis != 1 else x
+    cdt = compute_dtype(x.dtype)
+    out = cpp.train(xt, weight, bias, eps, ghosts=ghosts, strided=strided, relu=relu)
+    shape = (ghosts, xt.shape[1])
+    g_mean, g_var = (
+        out.mean.detach().to(cdt).reshape(shape),
+        out.var.detach().to(cdt).reshape(shape),
+    )
+    g_count = torch.full_like(g_mean, float(xt.numel() // xt.shape[1] // ghosts))
+    averaged = distributed.sync_ghost_statistics(
+        g_mean, g_var, _unbiased(g_var, g_count), g_count, group
+    )
+    stats = None if averaged is None else BatchStats(*averaged)
+    _absorb_synced_stats(stats, cdt, running_mean, running_var, momentum, None, None, eps, None)
+    y = out.y.movedim(1, axis) if axis != 1 else out.y
+    return y, stats
 
 
 def _cpp_sync_training_step(

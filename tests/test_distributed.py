@@ -737,13 +737,100 @@ def _check_kernels_meet_reference_ranks(rank: int, world: int, expect: Expect) -
         expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
         return
     sizes = [4, 0, 3][:world] if world == 3 else [0, 5]
-    synced, _ = _equivalence(rank, expect, _on_kernels(_bn2d()), sizes)
+    with _KernelCalls() as ops:
+        synced, _ = _equivalence(rank, expect, _on_kernels(_bn2d()), sizes)
     expect.true("num_batches_tracked counts every step", int(synced.num_batches_tracked) == 3)
+    on_kernels = 3 if sizes[rank] else 0  # the empty rank on the reference path
+    expect.true(f"rank {rank}: kernel calls {ops.calls}", ops.calls["bn_normalize"] == on_kernels)
 
     def make(sync: bool) -> nn.Module:
         return bnkit.BatchNorm1d(CHANNELS, sync=sync)
 
-    _equivalence(rank, expect, _on_kernels(make), [1, 3, 2][:world], shape=(CHANNELS,))
+    sizes = [1, 3, 2][:world]  # rank 0: one value per channel, the reference path
+    with _KernelCalls() as ops:
+        _equivalence(rank, expect, _on_kernels(make), sizes, shape=(CHANNELS,))
+    on_kernels = 3 if sizes[rank] > 1 else 0
+    expect.true(f"rank {rank}: kernel calls {ops.calls}", ops.calls["bn_normalize"] == on_kernels)
+
+
+def _check_kernels_under_ddp_with_an_empty_rank(rank: int, world: int, expect: Expect) -> None:
+    """DDP with buckets of one parameter: its bucket all-reduces interleave with the layers'
+    collectives, in the same order on the rank without data (reference path) as on the
+    others (kernels). Trained together, the model equals one process on the whole batch."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+
+    def net(sync: bool) -> nn.Module:
+        torch.manual_seed(13)
+        return nn.Sequential(
+            nn.Linear(4, CHANNELS),
+            bnkit.BatchNorm1d(CHANNELS, sync=sync, policy={"kernels": "cpp"}),
+            nn.ReLU(),
+            nn.Linear(CHANNELS, 2),
+        )
+
+    sizes = [0, 5, 3][:world]
+    single = net(False)
+    ddp = nn.parallel.DistributedDataParallel(net(True), bucket_cap_mb=1e-6)
+    opt_single = torch.optim.SGD(single.parameters(), lr=0.1)
+    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    total = sum(sizes)
+    start = sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    with _KernelCalls() as ops:
+        for step in range(3):
+            g = torch.Generator().manual_seed(70 + step)
+            x, target = torch.randn(total, 4, generator=g), torch.randn(total, 2, generator=g)
+            for model, opt, xs, ts, scale in (
+                (single, opt_single, x, target, 1.0),
+                (ddp, opt_ddp, x[mine], target[mine], float(world)),  # DDP averages
+            ):
+                opt.zero_grad()
+                loss = ((model(xs) - ts) ** 2).sum() / total
+                (loss * scale).backward()
+                opt.step()
+    wanted = 3 if sizes[rank] else 0
+    expect.true(f"rank {rank}: kernel calls {ops.calls}", ops.calls["bn_grad_apply"] == wanted)
+    for (key, value), mine_value in zip(
+        single.state_dict().items(), ddp.module.state_dict().values(), strict=True
+    ):
+        if value.is_floating_point():
+            expect.close(f"DDP {key} after 3 steps", mine_value, value)
+        else:
+            expect.true(f"DDP {key}", torch.equal(mine_value, value))
+
+
+def _check_kernels_without_the_input_gradient(rank: int, world: int, expect: Expect) -> None:
+    """autograd.grad to γ alone while x requires grad: no backward collective on any path
+    (rank 1 empty: reference path), so the ranks stay in step for the next call."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    sizes = [4, 0, 3][:world] if world == 3 else [3, 0]
+    layer = _randomized(bnkit.BatchNorm2d(CHANNELS, sync=True, policy={"kernels": "cpp"}))
+    x = torch.randn(sizes[rank], CHANNELS, 2, 2, requires_grad=True)
+    with _Counter() as counter:
+        y = layer(x)
+        (grad_weight,) = torch.autograd.grad((y * y).sum(), [layer.weight])
+    expect.true(f"one gather and no all-reduce, got {counter.calls}", counter.total == 1)
+    expect.true("γ's gradient has the channels", grad_weight.shape == (CHANNELS,))
+    # The next step's collectives pair up (a mismatch would fail or time out here).
+    _equivalence(rank, expect, _on_kernels(_bn2d()), [2, 3, 4][:world], steps=1)
+
+
+def _check_kernels_no_channels(rank: int, world: int, expect: Expect) -> None:
+    # C = 0: the kernels step aside; the reference path's empty output.
+    y = bnkit.functional.batch_norm(
+        torch.randn(4, 0, 5),
+        torch.zeros(0),
+        torch.ones(0),
+        training=True,
+        momentum=0.1,
+        sync=True,
+        impl="cpp",
+    )
+    expect.true(f"empty output, got {tuple(y.shape)}", tuple(y.shape) == (4, 0, 5))
 
 
 def _check_kernels_large_mean(rank: int, world: int, expect: Expect) -> None:
@@ -803,7 +890,12 @@ def _check_kernels_double_backward(rank: int, world: int, expect: Expect) -> Non
             )
             x = (full[rows] if sync else full).clone().requires_grad_()
             up = upstream[rows] if sync else upstream
-            (gx,) = torch.autograd.grad((layer(x) * up).sum(), x, create_graph=True)
+            with _KernelCalls() as ops:
+                y = layer(x)
+            if sync:
+                ran = ops.calls["bn_normalize"] == (1 if sizes[rank] else 0)
+                expect.true(f"sizes {sizes}, rank {rank}: kernel calls {ops.calls}", ran)
+            (gx,) = torch.autograd.grad((y * up).sum(), x, create_graph=True)
             (gx * gx).sum().backward()
             assert x.grad is not None
             assert layer.weight.grad is not None
@@ -824,9 +916,10 @@ def _check_kernel_step_gradcheck(rank: int, world: int, expect: Expect) -> None:
     if not cpp.available():
         expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
         return
-    x = (torch.randn(4, 3, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
-    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(21)  # fixed: no value of y near the ReLU's kink
+    x = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
     for relu in (False, True):
 
         def step(x: Tensor, w: Tensor, b: Tensor, relu: bool = relu) -> Tensor:
@@ -897,6 +990,9 @@ SUITES: dict[str, list[tuple[str, Check]]] = {
         ("kernels_large_mean", _check_kernels_large_mean),
         ("kernels_collectives", _check_kernels_collectives),
         ("kernels_double_backward", _check_kernels_double_backward),
+        ("kernels_under_ddp_with_an_empty_rank", _check_kernels_under_ddp_with_an_empty_rank),
+        ("kernels_without_the_input_gradient", _check_kernels_without_the_input_gradient),
+        ("kernels_no_channels", _check_kernels_no_channels),
     ],
     "two": [
         ("equal", _check_equal),

@@ -41,7 +41,8 @@ def test_masked_sequences_mask_recovers_the_real_statistics(capsys):
 @pytest.mark.parametrize("kernels", ["torch", "cpp"])
 def test_ddp_train_under_torchrun_ends_with_identical_statistics(kernels: str) -> None:
     # Two processes with uneven shares (17 and 13 of 30 samples), as torchrun starts them;
-    # on the reference path and on the C++ kernels.
+    # with the default policy and with --kernels cpp (that the kernels then serve the
+    # synchronized layers is checked in test_distributed.py's kernels* checks).
     command = [
         sys.executable,
         "-m",

@@ -50,7 +50,6 @@ __all__ = [
     "SyncedMoments",
     "all_reduce_moment_grads",
     "is_active",
-    "known_moments",
     "merge_moments",
     "sync_ghost_statistics",
     "sync_moments",
@@ -226,14 +225,32 @@ def _gather_and_merge(
 def merge_moments(
     count: Tensor, mean: Tensor, m2: Tensor, group: ProcessGroup | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The global ``(W, μ, σ²)`` per channel from this rank's ``(W_r, μ_r, M2_r)``.
+    """The global count, mean and biased variance per channel from this rank's moments.
 
     For a caller that computed its local moments itself (the synchronized layers on bnkit's
-    C++ kernels). The collective is :func:`sync_moments`' forward gather, byte for byte
-    (a ``(3, C)`` stack in float64, merged with Chan's formula in rank order), so ranks on
-    either path can meet in it: a rank whose batch is empty takes the reference path while
-    the others run the kernels. All three arguments are (C,) float64; so are the results.
+    C++ kernels). The collective is :func:`sync_moments`' forward gather, byte for byte (a
+    ``(3, C)`` stack in float64, merged with Chan's formula in rank order on every rank), so
+    a rank on one path and a rank on the other meet in it. Without an active group (see
+    :func:`is_active`) no collective runs: the local moments come back.
+
+    Args:
+        count: ``W_r``, values per channel on this rank, (C,) float64.
+        mean: ``μ_r``, (C,) float64.
+        m2: ``M2_r``, the centred sum of squares ``Σ (x − μ_r)²``, (C,) float64.
+        group: the process group (None: the default group).
+
+    Returns:
+        ``(W, μ, σ²)``, each (C,) float64, the same bits on every rank; σ² = M2 / W, 0 where
+        ``W`` is 0.
+
+    Example:
+        >>> count, mean, m2 = torch.tensor([4.0]), torch.tensor([2.0]), torch.tensor([8.0])
+        >>> merge_moments(count, mean, m2)  # one process: its own moments
+        (tensor([4.]), tensor([2.]), tensor([2.]))
     """
+    if not is_active(group):
+        safe = torch.where(count > 0, count, torch.ones_like(count))
+        return count, mean, torch.where(count > 0, m2 / safe, torch.zeros_like(m2))
     _, total, g_mean, g_var = _gather_and_merge([count, mean, m2], group)
     return total, g_mean, g_var
 
@@ -243,11 +260,26 @@ def all_reduce_moment_grads(
 ) -> tuple[Tensor, Tensor]:
     """``(∂L/∂μ, ∂L/∂σ²)`` summed over the ranks: :func:`sync_moments`' backward all-reduce.
 
-    Both in the dtype the statistics were normalized in (float32 for float32 and half input),
-    stacked into one ``all_reduce``; each rank's terms are its contribution through its own
-    batch. Every path that synchronizes the moments' gradients goes through here, so the
-    collective matches between them.
+    Every path that synchronizes the moments' gradients goes through here, so the collective
+    matches between them. Without an active group (see :func:`is_active`) no collective
+    runs and the arguments come back.
+
+    Args:
+        grad_mean: this rank's ``∂L/∂μ`` through its own batch, in the dtype the statistics
+            were normalized in (float32 for float32 and half input).
+        grad_var: this rank's ``∂L/∂σ²``, same shape and dtype.
+        group: the process group (None: the default group).
+
+    Returns:
+        The two sums over the ranks (new tensors, no gradient), stacked into one
+        ``all_reduce`` on the way.
+
+    Example:
+        >>> all_reduce_moment_grads(torch.tensor([1.0]), torch.tensor([-2.0]))
+        (tensor([1.]), tensor([-2.]))
     """
+    if not is_active(group):
+        return grad_mean.detach().clone(), grad_var.detach().clone()
     summed = _all_reduce_sum(torch.stack([grad_mean, grad_var]), group)
     return summed[0], summed[1]
 
@@ -272,12 +304,7 @@ class SyncedMoments(NamedTuple):
 
 
 class _SyncMoments(torch.autograd.Function):
-    """Global moments; forward: one all_gather, backward: one all_reduce.
-
-    With ``known`` (the global ``(mean, var, count)`` already gathered, in ``x``'s dtype and
-    reduced shape; unweighted) the forward runs no collective and returns them: the backward
-    is the same, for a caller that gathered the moments itself (see :func:`known_moments`).
-    """
+    """Global moments; forward: one all_gather, backward: one all_reduce."""
 
     @staticmethod
     def forward(
@@ -286,17 +313,7 @@ class _SyncMoments(torch.autograd.Function):
         w: Tensor | None,
         dims: tuple[int, ...],
         group: ProcessGroup | None,
-        known: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if known is not None:
-            # New tensors, and the ones saved: saved outputs take part in double backward.
-            out_mean, out_var, out_count = (t.detach().clone() for t in known)
-            safe = torch.where(out_count > 0, out_count, torch.ones_like(out_count))
-            ctx.save_for_backward(x, None, out_mean, out_var, safe)
-            ctx.group = group
-            out_elements = out_count.clone()
-            ctx.mark_non_differentiable(out_count, out_elements)
-            return out_mean, out_var, out_count, out_elements
         merge = _merge_dtype(x.device)
         count, mean, m2 = _local_moments(x, dims, w, merge)
         rows = [count, mean, m2]
@@ -319,7 +336,7 @@ class _SyncMoments(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, g_mean: Tensor, g_var: Tensor, _g_count: Tensor, _g_elements: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, w, mean, var, total = ctx.saved_tensors
         gm, gv = all_reduce_moment_grads(g_mean, g_var, ctx.group)
         centered = x - mean
@@ -330,7 +347,7 @@ class _SyncMoments(torch.autograd.Function):
         if w is not None and ctx.needs_input_grad[1]:
             full = (gm * centered + gv * (centered * centered - var)) / total
             grad_w = full.sum_to_size(w.shape)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None
 
 
 def sync_moments(
@@ -395,30 +412,6 @@ def sync_moments(
         x, w, dims_t, group
     )
     return SyncedMoments(mean, var, n, elements)
-
-
-def known_moments(
-    x: Tensor,
-    dims: tuple[int, ...],
-    mean: Tensor,
-    var: Tensor,
-    count: Tensor,
-    group: ProcessGroup | None = None,
-) -> SyncedMoments:
-    """:func:`sync_moments` of ``x`` whose global moments the caller has already gathered.
-
-    No collective runs forward; the results are ``mean``, ``var`` and ``count`` (reshaped to
-    ``x`` reduced over ``dims``, in ``x``'s dtype, unweighted), differentiable as
-    :func:`sync_moments`' are: the backward all-reduces their gradients with the same
-    collective. The synchronized kernel step differentiates through it under
-    ``create_graph``, so its collectives stay those of the reference path.
-    """
-    shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
-    known = tuple(t.to(x.dtype).reshape(shape) for t in (mean, var, count))
-    out_mean, out_var, n, elements = _SyncMoments.apply(  # type: ignore[no-untyped-call]
-        x, None, dims, group, known
-    )
-    return SyncedMoments(out_mean, out_var, n, elements)
 
 
 # -------------------------------------------------------------------- ghost batches

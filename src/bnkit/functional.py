@@ -1019,7 +1019,9 @@ def batch_norm(
             normalize with the statistics of the union of every rank's batch (count-weighted;
             see ``bnkit.distributed`` and ``docs/distributed.md``). Every rank must make the
             call, also with an empty batch. Ghost batches stay per rank; their averaged
-            statistics (running update, renorm) are global. Runs the reference composite.
+            statistics (running update, renorm) are global. Runs the reference composite, or
+            with ``impl="cpp"`` the C++ kernels where they serve it (no sample weights or
+            adjustment; no renorm with ghost batches).
         process_group: the group to synchronize over (None: the default group).
 
     Returns:
@@ -1445,6 +1447,8 @@ def _cpp_sync_serves(
     """
     if weights is not None or adjustment is not None or torch.compiler.is_compiling():
         return False
+    if x.shape[axis] == 0:
+        return False  # no channels: the reference path's empty output
     if virtual_batch_size is None:
         return x.numel() >= 2 * x.shape[axis]
     if renorm_mean is not None or x.shape[0] == 0:
@@ -1511,18 +1515,25 @@ def _cpp_sync_training_step(
     """A synchronized training step on the C++ kernels, as :func:`_sync_training_step`
     computes it without ghost batches: local moments in one pass (float64), one all_gather
     that merges them, the running update and renorm's r and d from the global statistics,
-    then one normalizing pass (:class:`_CppSyncNormalize`, whose backward all-reduces the
-    statistics' gradients)."""
+    then one normalizing pass.
+
+    The autograd graph has the reference path's shape: a statistics node
+    (:class:`_CppSyncMoments`, the role of ``distributed.sync_moments``) whose backward
+    all-reduces the statistics' gradients, and after it the normalizing node
+    (:class:`_CppSyncNormalize`), whose backward gives γ's and β's gradients and this rank's
+    statistics' gradients. So the backward's collective runs when, and in the order, the
+    reference path's would (after γ's and β's gradients are accumulated, where DDP may start
+    a bucket's all-reduce; not at all when x's gradient is not asked for).
+    """
     xt = x.movedim(axis, 1) if axis != 1 else x
     cdt = compute_dtype(x.dtype)
-    # Detached: the gradient through the statistics is _CppSyncNormalize's backward's.
     mean, var = cpp.bn_stats(xt.detach(), float64=True)
     n = float(xt.numel() // xt.shape[1])
     total, g_mean, g_var = distributed.merge_moments(torch.full_like(mean, n), mean, var * n, group)
     # As the reference path rounds them (the same operations on the same merged values), so
     # that the running statistics stay bit-identical on every rank, whichever path it took.
-    var_c, count_c = g_var.to(cdt), total.to(cdt)
-    stats = BatchStats(g_mean.to(cdt), var_c, _unbiased(var_c, count_c), count_c)
+    mean_c, var_c, count_c = g_mean.to(cdt), g_var.to(cdt), total.to(cdt)
+    stats = BatchStats(mean_c, var_c, _unbiased(var_c, count_c), count_c)
     r, d = _absorb_synced_stats(
         stats,
         cdt,
@@ -1534,26 +1545,109 @@ def _cpp_sync_training_step(
         eps,
         renorm_clipping,
     )
-    invstd = torch.rsqrt(g_var + eps)
-    count = float(total[0]) if total.numel() else 1.0  # the same for every channel
+    terms = _SyncTerms(g_mean, torch.rsqrt(g_var + eps), float(total[0]), eps, group)
+    handles = _CppSyncMoments.apply(xt, mean_c, var_c, terms)  # type: ignore[no-untyped-call]
     y: Tensor = _CppSyncNormalize.apply(  # type: ignore[no-untyped-call]
-        xt, weight, bias, g_mean, g_var, invstd, r, d, count, eps, relu, group
+        xt, weight, bias, handles[0], handles[1], r, d, relu, terms
     )
     y = y.movedim(1, axis) if axis != 1 else y
     return y, stats
 
 
+class _SyncTerms:
+    """What the two nodes of a synchronized kernel step share.
+
+    The global statistics in float64 (the kernels' operands: mean, 1/sqrt(var + eps), the
+    count W), and what the normalizing node's backward leaves for the statistics node's in
+    the same backward pass: ``dy``, the fused ReLU's output, γ·r (float64, and as a
+    differentiable tensor under ``create_graph``). The statistics node takes them once
+    (``take_upstream``), so that a second backward through its saved outputs (double
+    backward) gets only the statistics' own gradient.
+    """
+
+    def __init__(self, mean: Tensor, invstd: Tensor, count: float, eps: float, group: Any) -> None:
+        self.mean, self.invstd, self.count, self.eps, self.group = mean, invstd, count, eps, group
+        self.dy: Tensor | None = None
+        self.output: Tensor | None = None
+        self.gain: Tensor | None = None
+        self.gain_graph: Tensor | None = None
+
+    def take_upstream(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        got = (self.dy, self.output, self.gain, self.gain_graph)
+        self.dy = self.output = self.gain = self.gain_graph = None
+        return got
+
+
+class _CppSyncMoments(torch.autograd.Function):
+    """The global (μ, σ²) of a synchronized kernel step as graph nodes: the reference's
+    ``_SyncMoments`` with the moments already gathered and merged.
+
+    Forward: returns them (the compute dtype, (C,)); no collective. Backward: sums this
+    rank's ``(∂L/∂μ, ∂L/∂σ²)`` over the ranks with the reference's all-reduce, then gives x
+    its whole gradient in one ``bnkit::bn_grad_apply`` pass,
+    ``dx = γ·r·invstd·dy' + (∂L/∂μ + 2·∂L/∂σ²·(x − μ))/W``, with the ``dy`` that the
+    normalizing node's backward has just left in the shared terms (that node returns no
+    gradient for x). Under ``create_graph`` the same formula in differentiable operations.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, mean: Tensor, var: Tensor, terms: _SyncTerms
+    ) -> tuple[Tensor, Tensor]:
+        # New tensors, and the ones saved: saved outputs take part in double backward.
+        out_mean, out_var = mean.detach().clone(), var.detach().clone()
+        ctx.save_for_backward(x, out_mean, out_var)
+        ctx.terms = terms
+        return out_mean, out_var
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, var = ctx.saved_tensors
+        t: _SyncTerms = ctx.terms
+        summed_mean, summed_var = distributed.all_reduce_moment_grads(grad_mean, grad_var, t.group)
+        dy, output, gain, gain_graph = t.take_upstream()
+        if not torch.is_grad_enabled() and dy is not None and gain is not None:
+            dx = cpp.bn_grad_apply(
+                dy,
+                x,
+                t.mean,
+                t.invstd,
+                gain,
+                summed_mean.double(),
+                summed_var.double(),
+                t.count,
+                output=output,
+            )
+            return dx, None, None, None
+        # Under create_graph, or the statistics' own gradient in a second backward through
+        # the saved outputs (no dy then): differentiable operations.
+        xf = x.to(mean.dtype)
+        centered = xf - _channel_view(mean, x.ndim, 1)
+        dx = (
+            _channel_view(summed_mean, x.ndim, 1)
+            + 2.0 * _channel_view(summed_var, x.ndim, 1) * centered
+        )
+        dx = dx / t.count
+        if dy is not None:
+            k = torch.rsqrt(var + t.eps)
+            if gain_graph is not None:
+                k = k * gain_graph
+            direct = dy.to(mean.dtype) * _channel_view(k, x.ndim, 1)
+            if output is not None:
+                direct = direct * (output > 0)
+            dx = dx + direct
+        return dx.to(x.dtype), None, None, None
+
+
 class _CppSyncNormalize(torch.autograd.Function):
     """``y = act(γ·(x̂·r + d) + β)`` with global statistics, x̂ = (x − μ)·invstd, on the kernels.
 
-    Forward: one ``bnkit::bn_normalize`` pass (μ, invstd, r and d are constants here: the
-    gradient through the statistics is the backward's business). Backward: this rank's
-    ``Σdy'`` and ``Σdy'·(x − μ)`` (``bnkit::bn_grad_sums``), turned into its ``∂L/∂μ`` and
-    ``∂L/∂σ²`` and summed over the ranks with the reference's all-reduce, then
-    ``dx = γ·r·invstd·dy' + (∂L/∂μ + 2·∂L/∂σ²·(x − μ))/W`` (``bnkit::bn_grad_apply``); γ's
-    and β's gradients are this rank's own sums (DDP sums them over the ranks). With
-    ``create_graph`` the backward recomputes the step with differentiable operations
-    (``distributed.known_moments``: the same all-reduce) and differentiates that instead.
+    Forward: one ``bnkit::bn_normalize`` pass with the float64 statistics of the shared terms
+    (μ and σ² come in as the :class:`_CppSyncMoments` outputs, graph handles; r and d are
+    constants). Backward: this rank's ``Σdy'`` and ``Σdy'·(x − μ)`` (``bnkit::bn_grad_sums``,
+    one pass) give γ's and β's gradients (this rank's own; DDP sums them over the ranks) and
+    this rank's ``∂L/∂μ = −γ·r·invstd·Σdy'``, ``∂L/∂σ² = −½·γ·r·invstd³·Σdy'·(x − μ)``; x gets
+    its gradient from the statistics node, which this backward arms with ``dy``.
     """
 
     @staticmethod
@@ -1564,97 +1658,91 @@ class _CppSyncNormalize(torch.autograd.Function):
         bias: Tensor | None,
         mean: Tensor,
         var: Tensor,
-        invstd: Tensor,
         r: Tensor | None,
         d: Tensor | None,
-        count: float,
-        eps: float,
         relu: bool,
-        group: Any,
+        terms: _SyncTerms,
     ) -> Tensor:
-        gain = _sync_gain(weight, r, invstd)
-        scale = gain * invstd
-        shift = torch.zeros_like(invstd) if bias is None else bias.double()
+        gain = _sync_gain(weight, r, terms.invstd)
+        shift = torch.zeros_like(terms.invstd) if bias is None else bias.double()
         if d is not None:
             shift = shift + (1.0 if weight is None else weight.double()) * d.double()
-        y = cpp.bn_normalize(x, mean, scale, shift, relu=relu)
-        ctx.save_for_backward(x, weight, bias, mean, var, invstd, r, d, y if relu else None)
-        ctx.count, ctx.eps, ctx.relu, ctx.group = count, eps, relu, group
+        y = cpp.bn_normalize(x, terms.mean, gain * terms.invstd, shift, relu=relu)
+        ctx.save_for_backward(x, weight, bias, mean, var, r, d, y if relu else None)
+        ctx.terms = terms
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, mean, var, invstd, r, d, y = ctx.saved_tensors
+        x, weight, bias, mean, var, r, d, output = ctx.saved_tensors
+        t: _SyncTerms = ctx.terms
+        want_stats = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         if torch.is_grad_enabled():
-            return _sync_double_backward(ctx, dy, x, weight, bias, mean, var, r, d)
-        sums = cpp.bn_grad_sums(dy, x, mean, output=y)
-        grad_x = grad_weight = grad_bias = None
-        gain = _sync_gain(weight, r, invstd)
-        if ctx.needs_input_grad[0]:
-            k = gain * invstd
-            cdt = compute_dtype(x.dtype)
-            # The same all-reduce as the reference's backward: ∂L/∂μ and ∂L/∂σ² in the compute
-            # dtype, so that ranks on either path meet in it.
-            gm, gv = distributed.all_reduce_moment_grads(
-                (-k * sums[0]).to(cdt), (-0.5 * k * invstd * invstd * sums[1]).to(cdt), ctx.group
-            )
-            grad_x = cpp.bn_grad_apply(
-                dy, x, mean, invstd, gain, gm.double(), gv.double(), ctx.count, output=y
-            )
+            grads = _sync_normalize_grads_graph(ctx, dy, x, weight, mean, var, r, d, output)
+            return grads + (None,) * 4
+        sums = cpp.bn_grad_sums(dy, x, t.mean, output=output)
+        gain = _sync_gain(weight, r, t.invstd)
+        grad_weight = grad_bias = grad_mean = grad_var = None
         if weight is not None and ctx.needs_input_grad[1]:
             # ∂y/∂γ = x̂·r + d
-            term = sums[1] * invstd * (1.0 if r is None else r.double())
+            term = sums[1] * t.invstd * (1.0 if r is None else r.double())
             if d is not None:
                 term = term + sums[0] * d.double()
             grad_weight = term.to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sums[0].to(bias.dtype)
-        return (grad_x, grad_weight, grad_bias) + (None,) * 9
+        if want_stats:
+            k = gain * t.invstd
+            grad_mean = (-k * sums[0]).to(mean.dtype)
+            grad_var = (-0.5 * k * t.invstd * t.invstd * sums[1]).to(var.dtype)
+            t.dy, t.output, t.gain = dy, output, gain
+        return None, grad_weight, grad_bias, grad_mean, grad_var, None, None, None, None
+
+
+def _sync_normalize_grads_graph(
+    ctx: Any,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    r: Tensor | None,
+    d: Tensor | None,
+    output: Tensor | None,
+) -> tuple[Tensor | None, ...]:
+    """:class:`_CppSyncNormalize`'s backward under ``create_graph``, in differentiable
+    operations: ``(None, dγ, dβ, ∂L/∂μ, ∂L/∂σ²)``, and the statistics node armed."""
+    t: _SyncTerms = ctx.terms
+    cdt = mean.dtype
+    dims = [i for i in range(x.ndim) if i != 1]
+    invstd = torch.rsqrt(var + t.eps)
+    g = dy.to(cdt)
+    if output is not None:
+        g = g * (output > 0)
+    s1 = g.sum(dims)
+    s2 = (g * (x.to(cdt) - _channel_view(mean, x.ndim, 1))).sum(dims)
+    r_c = None if r is None else r.to(cdt)
+    gain = torch.ones_like(invstd) if weight is None else weight.to(cdt)
+    if r_c is not None:
+        gain = gain * r_c
+    grad_weight = grad_bias = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        term = s2 * invstd * (1.0 if r_c is None else r_c)
+        if d is not None:
+            term = term + s1 * d.to(cdt)
+        grad_weight = term.to(weight.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_bias = s1
+    grad_mean = -gain * invstd * s1
+    grad_var = -0.5 * gain * invstd**3 * s2
+    t.dy, t.output, t.gain, t.gain_graph = dy, output, _sync_gain(weight, r, t.invstd), gain
+    return None, grad_weight, grad_bias, grad_mean, grad_var
 
 
 def _sync_gain(weight: Tensor | None, r: Tensor | None, invstd: Tensor) -> Tensor:
     """γ·r per channel in float64 (1 for an absent γ or r)."""
     gain = torch.ones_like(invstd) if weight is None else weight.detach().double()
     return gain if r is None else gain * r.double()
-
-
-def _sync_double_backward(
-    ctx: Any,
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    r: Tensor | None,
-    d: Tensor | None,
-) -> tuple[Tensor | None, ...]:
-    """The backward under ``create_graph``: the step recomputed with differentiable operations,
-    as the reference path computes it (the moments through :func:`distributed.known_moments`:
-    the global statistics already gathered, with the reference's backward and its one
-    all-reduce), then differentiated with a graph."""
-    cdt = compute_dtype(x.dtype)
-    xf = x.to(cdt)
-    dims = tuple(i for i in range(x.ndim) if i != 1)
-    count = torch.full_like(mean, ctx.count)
-    synced = distributed.known_moments(xf, dims, mean, var, count, ctx.group)
-    shape = [1] * x.ndim
-    shape[1] = -1
-    y = (xf - synced.mean) * torch.rsqrt(synced.var + ctx.eps)
-    if r is not None:
-        y = y * r.to(cdt).reshape(shape)
-    if d is not None:
-        y = y + d.to(cdt).reshape(shape)
-    if weight is not None:
-        y = y * weight.to(cdt).reshape(shape)
-    if bias is not None:
-        y = y + bias.to(cdt).reshape(shape)
-    if ctx.relu:
-        y = torch.relu(y)
-    wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate((x, weight, bias))]
-    inputs = [t for t, w in zip((x, weight, bias), wanted, strict=True) if w and t is not None]
-    grads = iter(torch.autograd.grad(y.to(x.dtype), inputs, dy, create_graph=True))
-    return tuple(next(grads) if w else None for w in wanted) + (None,) * 9
 
 
 def _cpp_inference_step(

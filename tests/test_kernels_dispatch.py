@@ -932,3 +932,25 @@ def test_pooled_output_storage_can_shrink_to_nothing_and_grow_again() -> None:
     assert storage.nbytes() == 0
     storage.resize_(64)
     assert storage.nbytes() == 64
+
+
+@pytest.mark.usefixtures("built")
+def test_channels_on_a_middle_axis_come_back_in_the_input_layout(calls: dict[str, int]) -> None:
+    # The kernels take the channels on dim 1; with axis=2 of a 4-D input the result of moving
+    # them back is strided, and callers get their own layout back, as on the default path.
+    x = torch.randn(4, 5, 3, 2)
+    mean, var = torch.randn(3), torch.rand(3) + 0.5
+    for training in (True, False):
+        expected = bnf.batch_norm(x, mean, var, training=training, axis=2, impl="reference")
+        y = bnf.batch_norm(x, mean, var, training=training, axis=2, impl="cpp")
+        assert y.is_contiguous()
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    layer = bnkit.BatchNorm(3, axis=2, policy={"kernels": "cpp"})
+    default = bnkit.BatchNorm(3, axis=2)
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        getattr(default, mode)()
+        y = layer(x)
+        assert y.is_contiguous()
+        torch.testing.assert_close(y, default(x), rtol=1e-5, atol=1e-5)
+    assert calls == {"train": 2, "eval": 2}  # all four calls on the kernels

@@ -1093,6 +1093,7 @@ def batch_norm(
             )
         if impl == "cpp" and not _needs_grad(running_mean, running_var):
             y = _cpp_inference_step(x, a, running_mean, running_var, weight, bias, eps, activation)
+            y = _kernel_layout(y, x, a)
             return (y, stats) if return_stats else y
         y = _inference_step(x, a, running_mean, running_var, weight, bias, eps)
     elif sync and distributed.is_active(process_group):
@@ -1133,6 +1134,7 @@ def batch_norm(
                 group=process_group,
             )
         if served:
+            y = _kernel_layout(y, x, a)
             if activation != "relu" and act is not None:
                 y = act(y)
             return (y, stats) if return_stats else y
@@ -1203,6 +1205,7 @@ def batch_norm(
                 want_stats=return_stats,
                 sample_weights=cpp_weights,
             )
+            y = _kernel_layout(y, x, a)
             if activation != "relu" and act is not None:
                 y = act(y)
             return (y, stats) if return_stats else y
@@ -1763,6 +1766,13 @@ def _cpp_inference_step(
     y = y.movedim(1, axis) if axis != 1 else y
     act = None if relu else resolve_activation(activation)
     return y if act is None else act(y)
+
+
+def _kernel_layout(y: Tensor, x: Tensor, axis: int) -> Tensor:
+    """The kernels' output in ``x``'s layout. They write it in the layout of ``x`` with the
+    channel axis moved to dim 1, which moved back is ``x``'s own when the channels are on dim
+    1 or last; only another axis needs :func:`_match_layout` (a copy)."""
+    return y if axis in (1, x.ndim - 1) else _match_layout(y, x)
 
 
 def _match_layout(y: Tensor, x: Tensor) -> Tensor:

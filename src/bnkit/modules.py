@@ -678,7 +678,7 @@ class BatchNorm(nn.Module):
         if not self.training or b.get("frozen") is not None:
             # Sample weights weight batch statistics only: inference ignores them, as forward().
             y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, self.eps, relu=relu)
-            return y.movedim(1, a) if a != 1 else y
+            return bnf._kernel_layout(y.movedim(1, a), x, a) if a != 1 else y
         ghosts = 1 if self.virtual_batch_size is None else self._ghosts_in(x)
         if (
             ghosts is None
@@ -754,7 +754,7 @@ class BatchNorm(nn.Module):
         )
         if guard and not out.updated.item():
             self._report_skipped_update(state, nonfinite)
-        return out.y.movedim(1, a) if a != 1 else out.y
+        return bnf._kernel_layout(out.y.movedim(1, a), x, a) if a != 1 else out.y
 
     def _ghosts_in(self, x: Tensor) -> int | None:
         """How many ghost batches a training call on ``x`` has (1 without ghost batches), or

@@ -730,6 +730,85 @@ def _check_kernels_ghost_batches(rank: int, world: int, expect: Expect) -> None:
         expect.close(f"strided ghosts: {what}, kernels against reference", a, b)
 
 
+def _check_kernels_sample_weights(rank: int, world: int, expect: Expect) -> None:
+    """Sample weights and masks on the kernels: per-sample weights, a padding mask of (N, L, C)
+    sequences, a rank whose weights are all zero; weights that sum to zero over every rank
+    raise the same ValueError everywhere."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    with _KernelCalls() as ops:
+        _equivalence(
+            rank, expect, _on_kernels(_bn2d(running_var="biased")), [5, 3, 2][:world], weighted=True
+        )
+    expect.true(f"per-sample weights on the kernels: {ops.calls}", ops.calls["bn_grad_apply"] == 3)
+
+    def make(sync: bool) -> nn.Module:
+        return bnkit.BatchNorm(CHANNELS, axis=-1, sync=sync, running_var="biased")
+
+    sizes = [3, 4, 2][:world]
+
+    def masked(layer: nn.Module, x: Tensor, w: Tensor | None) -> Tensor:
+        # Padding masks from w; rank 1's rows contribute no weight at all (the oracle, which
+        # sees the whole batch, masks the same rows).
+        assert w is not None
+        n, steps = x.shape[0], x.shape[1]
+        mask = (torch.arange(steps)[None, :] < (w[:, None] * steps)).to(x.dtype)
+        if layer.sync and rank == 1:
+            mask = torch.zeros_like(mask)
+        elif not layer.sync:
+            mask[sizes[0] : sizes[0] + sizes[1]] = 0.0
+        return layer(x, weights=mask.reshape(n, steps))
+
+    with _KernelCalls() as ops:
+        _equivalence(
+            rank,
+            expect,
+            _on_kernels(make),
+            sizes,
+            shape=(5, CHANNELS),
+            weighted=True,
+            call=masked,
+        )
+    expect.true(f"masks on the kernels: {ops.calls}", ops.calls["bn_grad_apply"] == 3)
+    layer = bnkit.BatchNorm2d(CHANNELS, sync=True, policy={"kernels": "cpp"})
+    try:
+        layer(torch.randn(3, CHANNELS, 2, 2), weights=torch.zeros(3))
+    except ValueError as err:
+        expect.true(f"message: {err}", "all processes" in str(err))
+    else:
+        expect.errors.append("weights summing to zero over every rank did not raise")
+
+
+def _check_kernels_adjustment(rank: int, world: int, expect: Expect) -> None:
+    """A per-channel adjustment (Keras' ``adjustment``) is folded into γ and β on the kernels;
+    one that is not per channel takes the reference path with the values drawn once."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    scale = torch.linspace(0.5, 1.5, CHANNELS)
+    shift = torch.linspace(-0.2, 0.2, CHANNELS)
+
+    def per_channel(shape: torch.Size) -> tuple[Tensor, Tensor]:
+        return scale, shift
+
+    with _KernelCalls() as ops:
+        _equivalence(rank, expect, _on_kernels(_bn2d(adjustment=per_channel)), [3, 2, 4][:world])
+    expect.true(f"per channel, on the kernels: {ops.calls}", ops.calls["bn_grad_apply"] == 3)
+    draws = []
+
+    def per_sample(shape: torch.Size) -> tuple[Tensor, float]:
+        draws.append(shape)
+        return torch.linspace(0.5, 1.5, shape[0]).reshape(-1, 1, 1, 1), 0.0
+
+    layer = bnkit.BatchNorm2d(CHANNELS, sync=True, adjustment=per_sample, policy={"kernels": "cpp"})
+    with _KernelCalls() as ops:
+        y = layer(torch.randn(3, CHANNELS, 2, 2, requires_grad=True))
+        y.sum().backward()
+    expect.true(f"per sample: the reference path, {ops.calls}", sum(ops.calls.values()) == 0)
+    expect.true(f"per sample: one draw, got {len(draws)}", len(draws) == 1)
+
+
 def _check_kernels_meet_reference_ranks(rank: int, world: int, expect: Expect) -> None:
     """A rank with an empty batch (or one value per channel) takes the reference path while
     the others run the kernels: their collectives are the same, so the result still is."""
@@ -877,22 +956,37 @@ def _check_kernels_double_backward(rank: int, world: int, expect: Expect) -> Non
     if not cpp.available():
         expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
         return
-    for sizes in ([3, 4, 5][:world], [3, 0, 4][:world]):
+    _gradient_penalty(rank, world, expect, "cpp")
+
+
+def _check_gradient_penalty(rank: int, world: int, expect: Expect) -> None:
+    """The same on the reference path (with sample weights, a second backward through the
+    statistics' all-reduce must all-reduce again)."""
+    _gradient_penalty(rank, world, expect, "torch")
+
+
+def _gradient_penalty(rank: int, world: int, expect: Expect, kernels: str) -> None:
+    cases = [([3, 4, 5][:world], False), ([3, 0, 4][:world], False), ([3, 4, 5][:world], True)]
+    for sizes, weighted in cases:
         start = sum(sizes[:rank])
         rows = slice(start, start + sizes[rank])
         g = torch.Generator().manual_seed(40)
         full = torch.randn(sum(sizes), CHANNELS, 2, 2, generator=g) * 2
         upstream = torch.randn(full.shape, generator=g)
+        weights = torch.rand(sum(sizes), generator=g) + 0.2
         results = []
         for sync in (True, False):
             layer = _randomized(
-                bnkit.BatchNorm2d(CHANNELS, sync=sync, activation="relu", policy={"kernels": "cpp"})
+                bnkit.BatchNorm2d(
+                    CHANNELS, sync=sync, activation="relu", policy={"kernels": kernels}
+                )
             )
             x = (full[rows] if sync else full).clone().requires_grad_()
             up = upstream[rows] if sync else upstream
+            w = (weights[rows] if sync else weights) if weighted else None
             with _KernelCalls() as ops:
-                y = layer(x)
-            if sync:
+                y = layer(x, weights=w)
+            if sync and kernels == "cpp":
                 ran = ops.calls["bn_normalize"] == (1 if sizes[rank] else 0)
                 expect.true(f"sizes {sizes}, rank {rank}: kernel calls {ops.calls}", ran)
             (gx,) = torch.autograd.grad((y * up).sum(), x, create_graph=True)
@@ -904,9 +998,10 @@ def _check_kernels_double_backward(rank: int, world: int, expect: Expect) -> Non
                 dist.all_reduce(weight_grad)
             results.append((gx.detach(), x.grad, weight_grad))
         (gx, x_grad, w_grad), (gf, xf_grad, wf_grad) = results
-        expect.close(f"sizes {sizes}: input gradient", gx, gf[rows])
-        expect.close(f"sizes {sizes}: penalty's input gradient", x_grad, xf_grad[rows])
-        expect.close(f"sizes {sizes}: penalty's weight gradient (summed)", w_grad, wf_grad)
+        what = f"sizes {sizes}{', weighted' if weighted else ''}"
+        expect.close(f"{what}: input gradient", gx, gf[rows])
+        expect.close(f"{what}: penalty's input gradient", x_grad, xf_grad[rows])
+        expect.close(f"{what}: penalty's weight gradient (summed)", w_grad, wf_grad)
 
 
 def _check_kernel_step_gradcheck(rank: int, world: int, expect: Expect) -> None:
@@ -986,10 +1081,13 @@ SUITES: dict[str, list[tuple[str, Check]]] = {
         ("sync_running_stats", _check_sync_running_stats),
         ("kernels", _check_kernels),
         ("kernels_ghost_batches", _check_kernels_ghost_batches),
+        ("kernels_adjustment", _check_kernels_adjustment),
+        ("kernels_sample_weights", _check_kernels_sample_weights),
         ("kernels_meet_reference_ranks", _check_kernels_meet_reference_ranks),
         ("kernels_large_mean", _check_kernels_large_mean),
         ("kernels_collectives", _check_kernels_collectives),
         ("kernels_double_backward", _check_kernels_double_backward),
+        ("gradient_penalty", _check_gradient_penalty),
         ("kernels_under_ddp_with_an_empty_rank", _check_kernels_under_ddp_with_an_empty_rank),
         ("kernels_without_the_input_gradient", _check_kernels_without_the_input_gradient),
         ("kernels_no_channels", _check_kernels_no_channels),

@@ -236,3 +236,75 @@ def test_ops_registered_for_tracing() -> None:
     torch.library.opcheck(
         torch.ops.bnkit.bn_grad_apply.default, (x, x, mean, ones, None, mean, ones, 100.0, x)
     )
+
+
+def _weights_for(x: Tensor, kind: str, seed: int) -> tuple[Tensor, Tensor]:
+    """(weights in the kernels' form, the same broadcast to x) for per-sample or per-position
+    weights of x (channels on dim 1)."""
+    g = torch.Generator().manual_seed(seed)
+    n, spatial = x.shape[0], list(x.shape[2:])
+    if kind == "sample":
+        w = torch.rand(n, generator=g, dtype=F64) + 0.2
+        return w, w.reshape([n, 1] + [1] * len(spatial))
+    w = (torch.rand([n, *spatial], generator=g, dtype=F64) > 0.3).to(F64)  # a 0/1 mask
+    w.view(-1)[0] = 1.0
+    return w.reshape(-1), w.reshape([n, 1, *spatial])
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("kind", ["sample", "position"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("shape", "layout"), [g for g in GRID if g[1] != "strided"])
+def test_weighted_moments_and_gradient(
+    shape: tuple[int, ...], layout: str, dtype: torch.dtype, kind: str
+) -> None:
+    x = _make(shape, layout, dtype, 7)
+    dy = _make(shape, layout, dtype, 8) - 2
+    samples, w = _weights_for(x, kind, 9)
+    c = x.shape[1]
+    dims = [d for d in range(x.ndim) if d != 1]
+    full_w = w.expand(x.shape).to(F64)
+    total = full_w.sum(dims)
+    x64 = x.to(F64)
+    mean_ref = (full_w * x64).sum(dims) / total
+    var_ref = (full_w * (x64 - _broadcast(mean_ref, x.ndim)) ** 2).sum(dims) / total
+    mean, var = cpp.bn_stats(x, float64=True, sample_weight=samples.to(dtype))
+    close = {"rtol": 1e-10, "atol": 1e-10} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(mean, mean_ref, **close)
+    torch.testing.assert_close(var, var_ref, **close)
+
+    # The gradient of a weighted batch norm whose statistics it flows through, one "rank".
+    gamma = torch.linspace(0.5, 1.5, c, dtype=F64)
+    xr = x64.clone().requires_grad_()
+    m = (full_w * xr).sum(dims, keepdim=True) / _broadcast(total, x.ndim)
+    v = (full_w * (xr - m) ** 2).sum(dims, keepdim=True) / _broadcast(total, x.ndim)
+    y = (xr - m) * torch.rsqrt(v + EPS) * _broadcast(gamma, x.ndim)
+    (dx_ref,) = torch.autograd.grad(y, xr, dy.to(F64))
+    invstd = torch.rsqrt(var_ref + EPS)
+    sums = cpp.bn_grad_sums(dy, x, mean_ref)
+    k = gamma * invstd
+    dx = cpp.bn_grad_apply(
+        dy,
+        x,
+        mean_ref,
+        invstd,
+        gamma,
+        -k * sums[0],
+        -0.5 * k * invstd**2 * sums[1],
+        float(total[0]),
+        sample_weight=samples.to(dtype),
+    )
+    torch.testing.assert_close(dx.to(F64), dx_ref, **_tol(dtype))
+
+
+@pytest.mark.usefixtures("built")
+def test_weights_that_sum_to_zero() -> None:
+    x = torch.randn(4, 3, 2, 2)
+    zero = torch.zeros(4)
+    with pytest.raises(ValueError, match="sum to zero"):
+        cpp.bn_stats(x, float64=True, sample_weight=zero)
+    # The gradient pass divides by a total over every process: this one's may be zero, and
+    # then only the direct term γ·invstd·dy is left.
+    mean, ones = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    dx = cpp.bn_grad_apply(x, x, mean, 2 * ones, None, ones, ones, 10.0, sample_weight=zero)
+    torch.testing.assert_close(dx, 2 * x)

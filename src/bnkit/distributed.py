@@ -223,36 +223,46 @@ def _gather_and_merge(
 
 
 def merge_moments(
-    count: Tensor, mean: Tensor, m2: Tensor, group: ProcessGroup | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+    count: Tensor,
+    mean: Tensor,
+    m2: Tensor,
+    group: ProcessGroup | None = None,
+    *,
+    elements: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The global count, mean and biased variance per channel from this rank's moments.
 
     For a caller that computed its local moments itself (the synchronized layers on bnkit's
     C++ kernels). The collective is :func:`sync_moments`' forward gather, byte for byte (a
-    ``(3, C)`` stack in float64, merged with Chan's formula in rank order on every rank), so
-    a rank on one path and a rank on the other meet in it. Without an active group (see
-    :func:`is_active`) no collective runs: the local moments come back.
+    ``(3, C)`` stack in float64, ``(4, C)`` with sample weights, merged with Chan's formula in
+    rank order on every rank), so a rank on one path and a rank on the other meet in it.
+    Without an active group (see :func:`is_active`) no collective runs: the local moments
+    come back.
 
     Args:
-        count: ``W_r``, values per channel on this rank, (C,) float64.
+        count: ``W_r``, values per channel on this rank, or their total weight; (C,) float64.
         mean: ``μ_r``, (C,) float64.
-        m2: ``M2_r``, the centred sum of squares ``Σ (x − μ_r)²``, (C,) float64.
+        m2: ``M2_r``, the (weighted) centred sum of squares ``Σ w·(x − μ_r)²``, (C,) float64.
         group: the process group (None: the default group).
+        elements: with sample weights, the values per channel on this rank (to tell an empty
+            batch from weights that sum to zero), (C,) float64; None without.
 
     Returns:
-        ``(W, μ, σ²)``, each (C,) float64, the same bits on every rank; σ² = M2 / W, 0 where
-        ``W`` is 0.
+        ``(W, μ, σ², elements)``, each (C,) float64, the same bits on every rank; σ² = M2 / W,
+        0 where ``W`` is 0; ``elements`` summed over the ranks (``W`` without weights).
 
     Example:
         >>> count, mean, m2 = torch.tensor([4.0]), torch.tensor([2.0]), torch.tensor([8.0])
         >>> merge_moments(count, mean, m2)  # one process: its own moments
-        (tensor([4.]), tensor([2.]), tensor([2.]))
+        (tensor([4.]), tensor([2.]), tensor([2.]), tensor([4.]))
     """
     if not is_active(group):
         safe = torch.where(count > 0, count, torch.ones_like(count))
-        return count, mean, torch.where(count > 0, m2 / safe, torch.zeros_like(m2))
-    _, total, g_mean, g_var = _gather_and_merge([count, mean, m2], group)
-    return total, g_mean, g_var
+        var = torch.where(count > 0, m2 / safe, torch.zeros_like(m2))
+        return count, mean, var, count if elements is None else elements
+    rows = [count, mean, m2] if elements is None else [count, mean, m2, elements]
+    gathered, total, g_mean, g_var = _gather_and_merge(rows, group)
+    return total, g_mean, g_var, total if elements is None else gathered[:, 3].sum(0)
 
 
 def all_reduce_moment_grads(
@@ -280,8 +290,27 @@ def all_reduce_moment_grads(
     """
     if not is_active(group):
         return grad_mean.detach().clone(), grad_var.detach().clone()
-    summed = _all_reduce_sum(torch.stack([grad_mean, grad_var]), group)
+    stacked = torch.stack([grad_mean, grad_var])
+    if torch.is_grad_enabled() and stacked.requires_grad:
+        # Under create_graph (a gradient penalty): the sum's own gradient is the sum of the
+        # ranks' gradients, so a second backward through it all-reduces once more.
+        summed = _AllReduceSum.apply(stacked, group)  # type: ignore[no-untyped-call]
+    else:
+        summed = _all_reduce_sum(stacked, group)
     return summed[0], summed[1]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable all-reduce (sum): its backward all-reduces the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        return _all_reduce_sum(t, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_reduce_sum(grad, ctx.group), None
 
 
 # ------------------------------------------------------------------ sync_moments

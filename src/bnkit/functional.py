@@ -1099,14 +1099,30 @@ def batch_norm(
     elif sync and distributed.is_active(process_group):
         # Before the empty-batch shortcut: an empty rank still takes part in the collectives.
         served = impl == "cpp" and _cpp_sync_serves(
-            x, a, weights, virtual_batch_size, ghost_layout, renorm_mean, adjustment
+            x, a, virtual_batch_size, ghost_layout, renorm_mean
         )
+        sync_samples = None  # sample weights as the kernels take them
+        if served and weights is not None:
+            # Not with ghost batches: their per-ghost total weights would feed the gather.
+            if virtual_batch_size is None:
+                sync_samples = _cpp_sample_weights(weights, x, a)
+            served = sync_samples is not None
+        sync_weight, sync_bias = weight, bias
+        if served and adjustment is not None:
+            # Drawn once per step, whichever path runs; per channel, folded into γ and β.
+            adjusted = adjustment(x.shape)
+            folded = _fold_adjustment(adjusted, weight, bias, x.shape[a])
+            if folded is None:  # not per channel: the reference path, with these values
+                served = False
+                adjustment = _constant_adjustment(adjusted)
+            else:
+                sync_weight, sync_bias = folded
         if served and virtual_batch_size is None:
             y, stats = _cpp_sync_training_step(
                 x,
                 a,
-                weight=weight,
-                bias=bias,
+                weight=sync_weight,
+                bias=sync_bias,
                 running_mean=running_mean,
                 running_var=running_var,
                 momentum=momentum,
@@ -1116,14 +1132,15 @@ def batch_norm(
                 renorm_clipping=renorm_clipping,
                 relu=activation == "relu",
                 group=process_group,
+                sample_weights=sync_samples,
             )
         elif served:
             assert virtual_batch_size is not None
             y, stats = _cpp_sync_ghost_step(
                 x,
                 a,
-                weight=weight,
-                bias=bias,
+                weight=sync_weight,
+                bias=sync_bias,
                 running_mean=running_mean,
                 running_var=running_var,
                 momentum=momentum,
@@ -1431,24 +1448,23 @@ def _cpp_sample_weights(weights: Tensor, x: Tensor, axis: int) -> Tensor | None:
 def _cpp_sync_serves(
     x: Tensor,
     axis: int,
-    weights: Tensor | None,
     virtual_batch_size: int | None,
     ghost_layout: str,
     renorm_mean: Tensor | None,
-    adjustment: Adjustment | None,
 ) -> bool:
-    """Whether a synchronized training step runs on the C++ kernels (the caller has checked
-    that they take ``x``): unweighted, without an adjustment, in eager mode, with at least two
-    values per channel (per ghost batch) on this rank; global statistics over the whole batch,
-    or ghost batches without renorm (whose r and d would need every rank's ghosts before the
-    normalizing pass).
+    """Whether a synchronized training step may run on the C++ kernels (the caller has
+    checked that they take ``x``, takes sample weights only without ghost batches and in the
+    kernels' form, and folds an adjustment into γ and β when it is per channel): in eager
+    mode, with at least two values per channel (per ghost batch) on this rank; global
+    statistics over the whole batch, or ghost batches without renorm (whose r and d would
+    need every rank's ghosts before the normalizing pass).
 
     Every rank of a step decides the same way except on the batch size: a rank with an empty
     batch (or one value per channel) takes the reference path, whose collectives are the same
     (``distributed.merge_moments`` and ``distributed.all_reduce_moment_grads``; with ghost
     batches ``distributed.sync_ghost_statistics``).
     """
-    if weights is not None or adjustment is not None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return False
     if x.shape[axis] == 0:
         return False  # no channels: the reference path's empty output
@@ -1514,11 +1530,12 @@ def _cpp_sync_training_step(
     renorm_clipping: dict[str, float] | None,
     relu: bool,
     group: Any,
+    sample_weights: Tensor | None = None,
 ) -> tuple[Tensor, BatchStats]:
     """A synchronized training step on the C++ kernels, as :func:`_sync_training_step`
-    computes it without ghost batches: local moments in one pass (float64), one all_gather
-    that merges them, the running update and renorm's r and d from the global statistics,
-    then one normalizing pass.
+    computes it without ghost batches: local moments in one pass (float64; weighted with
+    ``sample_weights``, in the kernels' form), one all_gather that merges them, the running
+    update and renorm's r and d from the global statistics, then one normalizing pass.
 
     The autograd graph has the reference path's shape: a statistics node
     (:class:`_CppSyncMoments`, the role of ``distributed.sync_moments``) whose backward
@@ -1530,9 +1547,7 @@ def _cpp_sync_training_step(
     """
     xt = x.movedim(axis, 1) if axis != 1 else x
     cdt = compute_dtype(x.dtype)
-    mean, var = cpp.bn_stats(xt.detach(), float64=True)
-    n = float(xt.numel() // xt.shape[1])
-    total, g_mean, g_var = distributed.merge_moments(torch.full_like(mean, n), mean, var * n, group)
+    total, g_mean, g_var = _cpp_synced_moments(xt, sample_weights, group)
     # As the reference path rounds them (the same operations on the same merged values), so
     # that the running statistics stay bit-identical on every rank, whichever path it took.
     mean_c, var_c, count_c = g_mean.to(cdt), g_var.to(cdt), total.to(cdt)
@@ -1549,12 +1564,46 @@ def _cpp_sync_training_step(
         renorm_clipping,
     )
     terms = _SyncTerms(g_mean, torch.rsqrt(g_var + eps), float(total[0]), eps, group)
+    terms.samples = sample_weights
     handles = _CppSyncMoments.apply(xt, mean_c, var_c, terms)  # type: ignore[no-untyped-call]
     y: Tensor = _CppSyncNormalize.apply(  # type: ignore[no-untyped-call]
         xt, weight, bias, handles[0], handles[1], r, d, relu, terms
     )
     y = y.movedim(1, axis) if axis != 1 else y
     return y, stats
+
+
+def _cpp_synced_moments(
+    xt: Tensor, samples: Tensor | None, group: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The global ``(W, μ, σ²)`` (float64, (C,)) of ``xt`` (channels on dim 1): this rank's
+    moments from one kernel pass, merged over the ranks with the reference path's gather.
+
+    Weighted (``samples``, the kernels' form), the gather carries the element count too and
+    the global total weight is checked as on the reference path (every rank raises the same
+    ``ValueError`` when it is not positive). A rank whose weights sum to zero contributes
+    ``(0, 0, 0)``, as the reference path's does.
+    """
+    c = xt.shape[1]
+    values = float(xt.numel() // c)  # per channel on this rank
+    if samples is None:
+        mean, var = cpp.bn_stats(xt.detach(), float64=True)
+        count = torch.full_like(mean, values)
+        total, g_mean, g_var, _ = distributed.merge_moments(count, mean, var * values, group)
+        return total, g_mean, g_var
+    repeat = values / samples.numel()  # positions per weight: per-sample weights cover many
+    weight_total = float(samples.detach().double().sum()) * repeat
+    if weight_total > 0:
+        mean, var = cpp.bn_stats(xt.detach(), float64=True, sample_weight=samples)
+    else:
+        mean = var = xt.new_zeros(c, dtype=torch.float64)
+    count = xt.new_full((c,), weight_total, dtype=torch.float64)
+    total, g_mean, g_var, elements = distributed.merge_moments(
+        count, mean, var * weight_total, group, elements=torch.full_like(count, values)
+    )
+    moments = distributed.SyncedMoments(g_mean, g_var, total, elements)
+    _check_global_counts(moments, weighted=True, allow_single_value=True)
+    return total, g_mean, g_var
 
 
 class _SyncTerms:
@@ -1570,6 +1619,7 @@ class _SyncTerms:
 
     def __init__(self, mean: Tensor, invstd: Tensor, count: float, eps: float, group: Any) -> None:
         self.mean, self.invstd, self.count, self.eps, self.group = mean, invstd, count, eps, group
+        self.samples: Tensor | None = None  # sample weights, the kernels' form
         self.dy: Tensor | None = None
         self.output: Tensor | None = None
         self.gain: Tensor | None = None
@@ -1620,6 +1670,7 @@ class _CppSyncMoments(torch.autograd.Function):
                 summed_var.double(),
                 t.count,
                 output=output,
+                sample_weight=t.samples,
             )
             return dx, None, None, None
         # Under create_graph, or the statistics' own gradient in a second backward through
@@ -1631,6 +1682,10 @@ class _CppSyncMoments(torch.autograd.Function):
             + 2.0 * _channel_view(summed_var, x.ndim, 1) * centered
         )
         dx = dx / t.count
+        if t.samples is not None:  # each value moves the statistics by its weight
+            per_position = t.samples.numel() != x.shape[0]
+            shape = [x.shape[0], 1, *(x.shape[2:] if per_position else [1] * (x.ndim - 2))]
+            dx = dx * t.samples.to(dx.dtype).reshape(shape)
         if dy is not None:
             k = torch.rsqrt(var + t.eps)
             if gain_graph is not None:

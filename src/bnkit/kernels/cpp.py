@@ -38,14 +38,14 @@ other strides are made contiguous first):
   ``bnkit::bn_eval_backward(dy, x, mean, var, weight?, eps, output?, param_grads=True) -> (dx,
   dweight, dbias)``: ``dx = γ·invstd·dy'`` in one pass, the sums for dγ, dβ in another only when
   ``param_grads``; the statistics get no gradient.
-* ``bnkit::bn_stats(x, float64=False) -> (mean, var)`` and ``bnkit::bn_normalize(x, mean,
-  scale, shift, relu=False)``: the two halves of a training forward, for synchronized layers
-  (the statistics are merged over the processes in between), tests and ``bnkit bench
-  --kernels ops``.
+* ``bnkit::bn_stats(x, float64=False, sample_weight?) -> (mean, var)`` and
+  ``bnkit::bn_normalize(x, mean, scale, shift, relu=False)``: the two halves of a training
+  forward, for synchronized layers (the statistics are merged over the processes in
+  between), tests and ``bnkit bench --kernels ops``.
 * ``bnkit::bn_grad_sums(dy, x, mean, output?) -> (2, C) float64`` and
-  ``bnkit::bn_grad_apply(dy, x, mean, invstd, weight?, grad_mean, grad_var, count, output?) ->
-  dx``: the two halves of a training backward, for synchronized layers (the statistics'
-  gradients are all-reduced in between).
+  ``bnkit::bn_grad_apply(dy, x, mean, invstd, weight?, grad_mean, grad_var, count, output?,
+  sample_weight?) -> dx``: the two halves of a training backward, for synchronized layers
+  (the statistics' gradients are all-reduced in between).
 
 Memory passes: on NCHW input whose channels are small enough for a core's cache, one task
 per channel computes the statistics and then normalizes the channel while it is still cached
@@ -167,7 +167,9 @@ def _register_fakes() -> None:
     def stats_dtype(x: Tensor) -> torch.dtype:
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    def stats_fake(x: Tensor, float64: bool = False) -> tuple[Tensor, Tensor]:
+    def stats_fake(
+        x: Tensor, float64: bool = False, sample_weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         c = x.shape[1]
         dt = torch.float64 if float64 else stats_dtype(x)
         return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
@@ -192,6 +194,7 @@ def _register_fakes() -> None:
         grad_var: Tensor,
         count: float,
         output: Tensor | None = None,
+        sample_weight: Tensor | None = None,
     ) -> Tensor:
         return output_like(x)
 
@@ -386,17 +389,22 @@ def build_error() -> str | None:
     return error
 
 
-def bn_stats(x: Tensor, *, float64: bool = False) -> tuple[Tensor, Tensor]:
+def bn_stats(
+    x: Tensor, *, float64: bool = False, sample_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (channels on dim 1), in ``x``'s dtype
     (float32 for half-precision input), or in float64 with ``float64``.
 
-    ``μ_c = Σ x / n``, ``σ²_c = Σ (x - μ_c)² / n`` over every dim but 1; no gradient. The
-    kernel computes both in float64 whatever ``x``'s dtype; ``float64`` keeps them so (the
-    synchronized layers merge the processes' moments in float64).
+    ``μ_c = Σ x / n``, ``σ²_c = Σ (x - μ_c)² / n`` over every dim but 1; no gradient. With
+    ``sample_weight`` (the same for every channel: N values, or one per sample and position
+    in the order of the non-channel dims), ``μ_c = Σ w·x / W``, ``σ²_c = Σ w·(x − μ_c)² / W``
+    with ``W = Σ w`` over the values of a channel, which must be positive. The kernel computes
+    both in float64 whatever ``x``'s dtype; ``float64`` keeps them so (the synchronized
+    layers merge the processes' moments in float64).
     """
     if not _state["loaded"]:
         load()
-    mean, var = torch.ops.bnkit.bn_stats.default(x, float64)
+    mean, var = torch.ops.bnkit.bn_stats.default(x, float64, sample_weight)
     return mean, var
 
 
@@ -438,14 +446,17 @@ def bn_grad_apply(
     count: float,
     *,
     output: Tensor | None = None,
+    sample_weight: Tensor | None = None,
 ) -> Tensor:
     """The training backward's input gradient from the statistics' gradients, one pass:
-    ``dx = γ_c·invstd_c·dy' + (grad_mean_c + 2·grad_var_c·(x − mean_c))/count``.
+    ``dx = γ_c·invstd_c·dy' + w·(grad_mean_c + 2·grad_var_c·(x − mean_c))/count``.
 
     ``grad_mean`` and ``grad_var`` are ``∂L/∂μ`` and ``∂L/∂σ²`` summed over every process
     that shares the statistics (from :func:`bn_grad_sums`: ``−γ·invstd·Σdy'`` and
     ``−½·γ·invstd³·Σdy'·(x − μ)`` per process), ``count`` the values per channel over all of
-    them, ``weight`` γ (γ·r with batch renormalization; None for 1); ``dy'`` as in
+    them (their total weight with ``sample_weight``), ``weight`` γ (γ·r with batch
+    renormalization; None for 1), ``w`` each value's sample weight (1 without; as in
+    :func:`bn_stats`, and it may sum to zero on this process); ``dy'`` as in
     :func:`bn_grad_sums`. No gradient.
 
     Example:
@@ -464,7 +475,7 @@ def bn_grad_apply(
     if not _state["loaded"]:
         load()
     gx: Tensor = torch.ops.bnkit.bn_grad_apply.default(
-        grad_out, x, mean, invstd, weight, grad_mean, grad_var, float(count), output
+        grad_out, x, mean, invstd, weight, grad_mean, grad_var, float(count), output, sample_weight
     )
     return gx
 

@@ -1,7 +1,9 @@
 // bnkit's CPU batch-norm kernels (used by bnkit.functional under policy kernels="cpp").
 //
 // Operators (namespace bnkit, schemas at the end of this file):
-//   bn_stats(x, float64) -> (mean, var)   per-channel mean and biased variance, one pass
+//   bn_stats(x, float64, sample_weight?) -> (mean, var)
+//                                         per-channel mean and biased variance (weighted),
+//                                         one pass
 //   bn_normalize(x, mean, scale, shift, relu)
 //                                         y = act((x - mean_c) * scale_c + shift_c), one pass
 //   bn_eval(x, mean, var, weight?, bias?, eps, relu)
@@ -31,7 +33,8 @@
 //                                         output > 0 when output (the ReLU's result) is given
 //   bn_grad_sums(dy, x, mean, output?) -> (2, C) float64
 //                                         the backward's sums alone, Σdy' and Σdy'·(x - mean)
-//   bn_grad_apply(dy, x, mean, invstd, weight?, grad_mean, grad_var, count, output?) -> dx
+//   bn_grad_apply(dy, x, mean, invstd, weight?, grad_mean, grad_var, count, output?,
+//                 sample_weight?) -> dx
 //                                         the backward's input gradient from statistics'
 //                                         gradients summed over processes (synchronized layers)
 //
@@ -488,7 +491,8 @@ static Geometry geometry_of(const at::Tensor& input, int64_t ghosts = 1, bool st
 
 // Attaches sample weights (per sample: n values; a mask: n·inner values, in the order of the
 // samples and then the positions of one channel) to the geometry, in the accumulation type.
-static void attach_weights(Geometry& g, const std::optional<at::Tensor>& weights) {
+static void attach_weights(Geometry& g, const std::optional<at::Tensor>& weights,
+                           bool require_positive = true) {
   if (!weights.has_value() || !weights->defined()) return;
   const int64_t numel = weights->numel();
   TORCH_CHECK(numel == g.n || numel == g.n * g.inner, "bnkit: sample_weight must have ", g.n,
@@ -520,6 +524,8 @@ static void attach_weights(Geometry& g, const std::optional<at::Tensor>& weights
     }
   });
   for (const double total : g.totals) {
+    // Not for a pass that divides by a total over several processes (bn_grad_apply).
+    if (!require_positive) break;
     TORCH_CHECK_VALUE(total > 0,
                       "the sample weights sum to zero (or less) over the reduced dimensions",
                       g.ghosts > 1 ? " of a ghost batch" : "",
@@ -1887,9 +1893,11 @@ static void dispatch_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input, bool float64) {
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& input, bool float64,
+                                            const std::optional<at::Tensor>& sample_weight) {
   check_input(input);
-  const Geometry g = geometry_of(input);
+  Geometry g = geometry_of(input);
+  attach_weights(g, sample_weight);
   TORCH_CHECK(g.c == 0 || g.count() > 0, "bnkit::bn_stats: no values per channel (shape ",
               input.sizes(), ")");
   auto opts = input.options().dtype(at::kDouble);
@@ -2311,13 +2319,44 @@ static void all_grad_sums(const Geometry& g, const typename Acc<T>::type* mu, co
   }
 }
 
-// The input gradient's pass without sample weights, gx = a·dy' + b·(x - m) + e with the
-// (ghosts * C) coefficients of grad_coefficients().
+// The input gradient's pass, gx = a·dy' + w·(b·(x - m) + e) with the (ghosts * C)
+// coefficients of grad_coefficients() and each value's sample weight w (1 without weights).
 template <typename T, bool Relu, typename A>
 static void grad_input_pass(const Geometry& g, const T* dy, const T* y, T* gx, bool stream,
                             const A* m, const A* a, const A* b, const A* e) {
   const T* x = g.x.const_data_ptr<T>();
   const int64_t cc = g.c;
+  if (g.weighted()) {
+    // dx = γ·invstd·(dy' - w·(Σdy'/W + x̂·Σdy'·x̂/W)): the mean and variance move with
+    // each value's weight, so the correction terms are scaled by it (the sums are not).
+    const int64_t plane = cc * g.inner;
+    for_all(
+        g,
+        [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
+          const int64_t smp = off / plane, pos = off % g.inner, i = gh * cc + ch;
+          const A* wp = g.weights_at<A>(smp, pos);
+          write_run(stream, gx + off, len, [&](T* out, int64_t k, int64_t count) {
+            const int64_t o = off + k;
+            if (g.per_sample) {
+              grad_run<T, A, Relu>(x + o, dy + o, y + o, out, count, m[i], a[i], *wp * b[i],
+                                   *wp * e[i]);
+            } else {
+              masked_grad_run<T, A, Relu>(x + o, dy + o, y + o, wp + k, out, count, m[i], a[i],
+                                          b[i], e[i]);
+            }
+          });
+        },
+        [&](int64_t row, int64_t gh, int64_t smp) {
+          const int64_t o = row * cc, i = gh * cc;
+          const A wr = *g.weights_at<A>(smp, row - smp * g.inner);
+          write_run(stream, gx + o, cc, [&](T* out, int64_t k, int64_t count) {
+            const int64_t p = o + k, q = i + k;
+            weighted_grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m + q, a + q, b + q,
+                                          e + q, wr);
+          });
+        });
+    return;
+  }
   for_all(
       g,
       [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
@@ -2430,37 +2469,6 @@ static void train_backward(const Geometry& g, const GradTerms& t, const T* dy, c
                                g.denominator(o / cc), m.get() + o, a.get() + o, b.get() + o,
                                e.get() + o);
   });
-  if (g.weighted()) {
-    // dx = γ·invstd·(dy' - w·(Σdy'/W + x̂·Σdy'·x̂/W)): the mean and variance move with
-    // each value's weight, so the correction terms are scaled by it (the sums are not).
-    const int64_t plane = cc * g.inner;
-    for_all(
-        g,
-        [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
-          const int64_t smp = off / plane, pos = off % g.inner, i = gh * cc + ch;
-          const A* wp = g.weights_at<A>(smp, pos);
-          write_run(stream, gx + off, len, [&](T* out, int64_t k, int64_t count) {
-            const int64_t o = off + k;
-            if (g.per_sample) {
-              grad_run<T, A, Relu>(x + o, dy + o, y + o, out, count, m[i], a[i], *wp * b[i],
-                                   *wp * e[i]);
-            } else {
-              masked_grad_run<T, A, Relu>(x + o, dy + o, y + o, wp + k, out, count, m[i], a[i],
-                                          b[i], e[i]);
-            }
-          });
-        },
-        [&](int64_t row, int64_t gh, int64_t smp) {
-          const int64_t o = row * cc, i = gh * cc;
-          const A wr = *g.weights_at<A>(smp, row - smp * g.inner);
-          write_run(stream, gx + o, cc, [&](T* out, int64_t k, int64_t count) {
-            const int64_t p = o + k, q = i + k;
-            weighted_grad_row<T, A, Relu>(x + p, dy + p, y + p, out, count, m.get() + q,
-                                          a.get() + q, b.get() + q, e.get() + q, wr);
-          });
-        });
-    return;
-  }
   grad_input_pass<T, Relu>(g, dy, y, gx, stream, m.get(), a.get(), b.get(), e.get());
 }
 
@@ -2592,21 +2600,25 @@ at::Tensor bn_grad_sums(const at::Tensor& grad_out, const at::Tensor& input,
   return sums;
 }
 
-// dx = γ·invstd·dy' + (grad_mean + 2·grad_var·(x − mean))/count per channel: the gradient of
-// x̂ = (x − μ)·invstd through y plus the statistics' own, where grad_mean and grad_var are
+// dx = γ·invstd·dy' + w·(grad_mean + 2·grad_var·(x − mean))/count per channel: the gradient
+// of x̂ = (x − μ)·invstd through y plus the statistics' own, where grad_mean and grad_var are
 // ∂L/∂μ and ∂L/∂σ² summed over the processes (−Σ γ·invstd·Σdy' and −½·Σ γ·invstd³·Σdy'·(x − μ)
-// from the bn_grad_sums of each) and count the values per channel over all of them. With
-// renorm, weight is γ·r.
+// from the bn_grad_sums of each), count the values per channel over all of them (their total
+// weight with sample weights) and w each value's sample weight (1 without). With renorm,
+// weight is γ·r.
 at::Tensor bn_grad_apply(const at::Tensor& grad_out, const at::Tensor& input,
                          const at::Tensor& mean, const at::Tensor& invstd,
                          const std::optional<at::Tensor>& weight, const at::Tensor& grad_mean,
                          const at::Tensor& grad_var, double count,
-                         const std::optional<at::Tensor>& output) {
+                         const std::optional<at::Tensor>& output,
+                         const std::optional<at::Tensor>& sample_weight) {
   check_input(input);
   check_like_input(grad_out, input, "bn_grad_apply", "grad_out");
   if (has(output)) check_like_input(*output, input, "bn_grad_apply", "output");
   TORCH_CHECK(count > 0, "bnkit::bn_grad_apply: count must be positive, got ", count);
-  const Geometry g = geometry_of(input);
+  Geometry g = geometry_of(input);
+  // This process's weights may sum to zero: count is the total over all of them.
+  attach_weights(g, sample_weight, /*require_positive=*/false);
   check_vector(mean, g.c, "mean");
   check_vector(invstd, g.c, "invstd");
   if (has(weight)) check_vector(*weight, g.c, "weight");
@@ -3147,7 +3159,7 @@ int64_t stream_set_threshold(int64_t bytes) {
 }  // namespace bnkit_cpu
 
 TORCH_LIBRARY_FRAGMENT(bnkit, m) {
-  m.def("bn_stats(Tensor x, bool float64=False) -> (Tensor, Tensor)");
+  m.def("bn_stats(Tensor x, bool float64=False, Tensor? sample_weight=None) -> (Tensor, Tensor)");
   m.def(
       "bn_normalize(Tensor x, Tensor mean, Tensor scale, Tensor shift, bool relu=False) -> "
       "Tensor");
@@ -3173,7 +3185,8 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
   m.def("bn_grad_sums(Tensor grad_out, Tensor x, Tensor mean, Tensor? output=None) -> Tensor");
   m.def(
       "bn_grad_apply(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-      "Tensor grad_mean, Tensor grad_var, float count, Tensor? output=None) -> Tensor");
+      "Tensor grad_mean, Tensor grad_var, float count, Tensor? output=None, "
+      "Tensor? sample_weight=None) -> Tensor");
   m.def("pool_cached_bytes() -> int", &bnkit_cpu::pool_cached_bytes);
   m.def("pool_set_limit(int bytes) -> int", &bnkit_cpu::pool_set_limit);
   m.def("stream_set_threshold(int bytes) -> int", &bnkit_cpu::stream_set_threshold);

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import io
 import json
 import math
@@ -24,6 +25,7 @@ import multiprocessing
 import os
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -835,49 +837,94 @@ def _check_kernels_meet_reference_ranks(rank: int, world: int, expect: Expect) -
 def _check_kernels_under_ddp_with_an_empty_rank(rank: int, world: int, expect: Expect) -> None:
     """DDP with buckets of one parameter: its bucket all-reduces interleave with the layers'
     collectives, in the same order on the rank without data (reference path) as on the
-    others (kernels). Trained together, the model equals one process on the whole batch."""
+    others (kernels), also with a per-channel adjustment folded into γ and β. Trained
+    together, the model equals one process on the whole batch."""
     if not cpp.available():
         expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
         return
+    scale = torch.linspace(0.5, 1.5, CHANNELS)
 
-    def net(sync: bool) -> nn.Module:
-        torch.manual_seed(13)
-        return nn.Sequential(
-            nn.Linear(4, CHANNELS),
-            bnkit.BatchNorm1d(CHANNELS, sync=sync, policy={"kernels": "cpp"}),
-            nn.ReLU(),
-            nn.Linear(CHANNELS, 2),
-        )
+    def per_channel(shape: torch.Size) -> tuple[Tensor, float]:
+        return scale, 0.1
 
-    sizes = [0, 5, 3][:world]
-    single = net(False)
-    ddp = nn.parallel.DistributedDataParallel(net(True), bucket_cap_mb=1e-6)
-    opt_single = torch.optim.SGD(single.parameters(), lr=0.1)
-    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    total = sum(sizes)
-    start = sum(sizes[:rank])
-    mine = slice(start, start + sizes[rank])
-    with _KernelCalls() as ops:
-        for step in range(3):
-            g = torch.Generator().manual_seed(70 + step)
-            x, target = torch.randn(total, 4, generator=g), torch.randn(total, 2, generator=g)
-            for model, opt, xs, ts, scale in (
-                (single, opt_single, x, target, 1.0),
-                (ddp, opt_ddp, x[mine], target[mine], float(world)),  # DDP averages
-            ):
-                opt.zero_grad()
-                loss = ((model(xs) - ts) ** 2).sum() / total
-                (loss * scale).backward()
-                opt.step()
-    wanted = 3 if sizes[rank] else 0
-    expect.true(f"rank {rank}: kernel calls {ops.calls}", ops.calls["bn_grad_apply"] == wanted)
-    for (key, value), mine_value in zip(
-        single.state_dict().items(), ddp.module.state_dict().values(), strict=True
-    ):
-        if value.is_floating_point():
-            expect.close(f"DDP {key} after 3 steps", mine_value, value)
-        else:
-            expect.true(f"DDP {key}", torch.equal(mine_value, value))
+    for adjustment in (None, per_channel):
+
+        def net(sync: bool, adjustment: Any = adjustment) -> nn.Module:
+            torch.manual_seed(13)
+            return nn.Sequential(
+                nn.Linear(4, CHANNELS),
+                bnkit.BatchNorm1d(
+                    CHANNELS, sync=sync, adjustment=adjustment, policy={"kernels": "cpp"}
+                ),
+                nn.ReLU(),
+                nn.Linear(CHANNELS, 2),
+            )
+
+        sizes = [0, 5, 3][:world]
+        single = net(False)
+        ddp = nn.parallel.DistributedDataParallel(net(True), bucket_cap_mb=1e-6)
+        opt_single = torch.optim.SGD(single.parameters(), lr=0.1)
+        opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        total = sum(sizes)
+        start = sum(sizes[:rank])
+        mine = slice(start, start + sizes[rank])
+        with _KernelCalls() as ops:
+            for step in range(3):
+                g = torch.Generator().manual_seed(70 + step)
+                x, target = torch.randn(total, 4, generator=g), torch.randn(total, 2, generator=g)
+                for model, opt, xs, ts, factor in (
+                    (single, opt_single, x, target, 1.0),
+                    (ddp, opt_ddp, x[mine], target[mine], float(world)),  # DDP averages
+                ):
+                    opt.zero_grad()
+                    loss = ((model(xs) - ts) ** 2).sum() / total
+                    (loss * factor).backward()
+                    opt.step()
+        label = "adjusted" if adjustment else "plain"
+        wanted = 3 if sizes[rank] else 0
+        ran = ops.calls["bn_grad_apply"] == wanted
+        expect.true(f"{label}: rank {rank}: kernel calls {ops.calls}", ran)
+        for (key, value), mine_value in zip(
+            single.state_dict().items(), ddp.module.state_dict().values(), strict=True
+        ):
+            if value.is_floating_point():
+                expect.close(f"{label}: DDP {key} after 3 steps", mine_value, value)
+            else:
+                expect.true(f"{label}: DDP {key}", torch.equal(mine_value, value))
+        del ddp  # its reducer holds communication work
+
+
+def _check_kernels_leave_nothing_behind(rank: int, world: int, expect: Expect) -> None:
+    """A backward that does not ask for x's gradient (the statistics node does not run)
+    leaves no dy for a later pass, and keeps nothing alive (the ReLU's output and a graph-
+    carrying dy reach back into the step's own nodes)."""
+    if not cpp.available():
+        expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
+        return
+    g = torch.Generator().manual_seed(80 + rank)
+    x0 = torch.randn(3 + rank, CHANNELS, 2, 2, generator=g, dtype=torch.float64)
+    c = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    results = []
+    for impl in ("cpp", "reference"):
+        x = x0.clone().requires_grad_()
+        w = torch.linspace(0.5, 1.5, CHANNELS, dtype=torch.float64).requires_grad_()
+        b = torch.zeros(CHANNELS, dtype=torch.float64, requires_grad=True)
+        y = bnkit.functional.batch_norm(x, None, None, w, b, training=True, sync=True, impl=impl)
+        # γ's gradient of a loss linear in y, with a graph: the statistics node is pruned...
+        (gw,) = torch.autograd.grad((y * c).sum(), [w], create_graph=True)
+        # ...and reached by this pass, which must not see the first pass's dy.
+        (gx,) = torch.autograd.grad(gw.pow(2).sum(), [x])
+        results.append(gx)
+    expect.close("second pass after a pruned first pass", results[0], results[1])
+    for create_graph in (False, True):
+        layer = bnkit.BatchNorm2d(CHANNELS, sync=True, activation="relu", policy={"kernels": "cpp"})
+        x = torch.randn(3 + rank, CHANNELS, 4, 4, requires_grad=True)
+        alive = weakref.ref(x)
+        y = layer(x)
+        torch.autograd.grad((y * y).sum(), [layer.weight], create_graph=create_graph)
+        del x, y
+        gc.collect()
+        expect.true(f"create_graph={create_graph}: the step kept x alive", alive() is None)
 
 
 def _check_kernels_without_the_input_gradient(rank: int, world: int, expect: Expect) -> None:
@@ -974,6 +1021,7 @@ def _gradient_penalty(rank: int, world: int, expect: Expect, kernels: str) -> No
         full = torch.randn(sum(sizes), CHANNELS, 2, 2, generator=g) * 2
         upstream = torch.randn(full.shape, generator=g)
         weights = torch.rand(sum(sizes), generator=g) + 0.2
+        penalty_weights = torch.randn(full.shape, generator=g)
         results = []
         for sync in (True, False):
             layer = _randomized(
@@ -990,7 +1038,8 @@ def _gradient_penalty(rank: int, world: int, expect: Expect, kernels: str) -> No
                 ran = ops.calls["bn_normalize"] == (1 if sizes[rank] else 0)
                 expect.true(f"sizes {sizes}, rank {rank}: kernel calls {ops.calls}", ran)
             (gx,) = torch.autograd.grad((y * up).sum(), x, create_graph=True)
-            (gx * gx).sum().backward()
+            # Not Σ gx²: its second-order terms through the statistics nearly cancel.
+            (gx * penalty_weights[rows if sync else slice(None)]).pow(2).sum().backward()
             assert x.grad is not None
             assert layer.weight.grad is not None
             weight_grad = layer.weight.grad.clone()
@@ -1089,6 +1138,7 @@ SUITES: dict[str, list[tuple[str, Check]]] = {
         ("kernels_double_backward", _check_kernels_double_backward),
         ("gradient_penalty", _check_gradient_penalty),
         ("kernels_under_ddp_with_an_empty_rank", _check_kernels_under_ddp_with_an_empty_rank),
+        ("kernels_leave_nothing_behind", _check_kernels_leave_nothing_behind),
         ("kernels_without_the_input_gradient", _check_kernels_without_the_input_gradient),
         ("kernels_no_channels", _check_kernels_no_channels),
     ],

@@ -281,7 +281,8 @@ def all_reduce_moment_grads(
         group: the process group (None: the default group).
 
     Returns:
-        The two sums over the ranks (new tensors, no gradient), stacked into one
+        The two sums over the ranks (new tensors; differentiable under ``create_graph``,
+        where their backward all-reduces once more), stacked into one
         ``all_reduce`` on the way.
 
     Example:

@@ -1020,8 +1020,9 @@ def batch_norm(
             see ``bnkit.distributed`` and ``docs/distributed.md``). Every rank must make the
             call, also with an empty batch. Ghost batches stay per rank; their averaged
             statistics (running update, renorm) are global. Runs the reference composite, or
-            with ``impl="cpp"`` the C++ kernels where they serve it (no sample weights or
-            adjustment; no renorm with ghost batches).
+            with ``impl="cpp"`` the C++ kernels where they serve it (not: renorm or sample
+            weights with ghost batches, weights that differ between channels or need a
+            gradient, an adjustment that is not per channel).
         process_group: the group to synchronize over (None: the default group).
 
     Returns:
@@ -1107,22 +1108,20 @@ def batch_norm(
             if virtual_batch_size is None:
                 sync_samples = _cpp_sample_weights(weights, x, a)
             served = sync_samples is not None
-        sync_weight, sync_bias = weight, bias
+        adjusted = None
         if served and adjustment is not None:
-            # Drawn once per step, whichever path runs; per channel, folded into γ and β.
+            # Drawn once per step, whichever path runs; per channel, folded into γ and β by
+            # the step (after its statistics node, as the reference orders its graph).
             adjusted = adjustment(x.shape)
-            folded = _fold_adjustment(adjusted, weight, bias, x.shape[a])
-            if folded is None:  # not per channel: the reference path, with these values
-                served = False
+            if not all(_is_per_channel(v, x.shape[a]) for v in adjusted):
+                served = False  # the reference path, with these values
                 adjustment = _constant_adjustment(adjusted)
-            else:
-                sync_weight, sync_bias = folded
         if served and virtual_batch_size is None:
             y, stats = _cpp_sync_training_step(
                 x,
                 a,
-                weight=sync_weight,
-                bias=sync_bias,
+                weight=weight,
+                bias=bias,
                 running_mean=running_mean,
                 running_var=running_var,
                 momentum=momentum,
@@ -1133,14 +1132,19 @@ def batch_norm(
                 relu=activation == "relu",
                 group=process_group,
                 sample_weights=sync_samples,
+                adjusted=adjusted,
             )
         elif served:
             assert virtual_batch_size is not None
+            if adjusted is not None:  # no backward collective here: the order is free
+                folded = _fold_adjustment(adjusted, weight, bias, x.shape[a])
+                assert folded is not None
+                weight, bias = folded
             y, stats = _cpp_sync_ghost_step(
                 x,
                 a,
-                weight=sync_weight,
-                bias=sync_bias,
+                weight=weight,
+                bias=bias,
                 running_mean=running_mean,
                 running_var=running_var,
                 momentum=momentum,
@@ -1531,11 +1535,13 @@ def _cpp_sync_training_step(
     relu: bool,
     group: Any,
     sample_weights: Tensor | None = None,
+    adjusted: tuple[Tensor | float, Tensor | float] | None = None,
 ) -> tuple[Tensor, BatchStats]:
     """A synchronized training step on the C++ kernels, as :func:`_sync_training_step`
     computes it without ghost batches: local moments in one pass (float64; weighted with
     ``sample_weights``, in the kernels' form), one all_gather that merges them, the running
-    update and renorm's r and d from the global statistics, then one normalizing pass.
+    update and renorm's r and d from the global statistics, then one normalizing pass (a
+    per-channel adjustment's values ``adjusted`` folded into γ and β).
 
     The autograd graph has the reference path's shape: a statistics node
     (:class:`_CppSyncMoments`, the role of ``distributed.sync_moments``) whose backward
@@ -1566,6 +1572,12 @@ def _cpp_sync_training_step(
     terms = _SyncTerms(g_mean, torch.rsqrt(g_var + eps), float(total[0]), eps, group)
     terms.samples = sample_weights
     handles = _CppSyncMoments.apply(xt, mean_c, var_c, terms)  # type: ignore[no-untyped-call]
+    if adjusted is not None:
+        # After the statistics node: the fold's nodes then run before it in the backward, so
+        # γ's and β's gradients are accumulated before its all-reduce, as on the reference path.
+        folded = _fold_adjustment(adjusted, weight, bias, xt.shape[1])
+        assert folded is not None
+        weight, bias = folded
     y: Tensor = _CppSyncNormalize.apply(  # type: ignore[no-untyped-call]
         xt, weight, bias, handles[0], handles[1], r, d, relu, terms
     )
@@ -1602,6 +1614,7 @@ def _cpp_synced_moments(
         count, mean, var * weight_total, group, elements=torch.full_like(count, values)
     )
     moments = distributed.SyncedMoments(g_mean, g_var, total, elements)
+    # Only the zero-weight check can fire: _cpp_sync_serves saw two values per channel here.
     _check_global_counts(moments, weighted=True, allow_single_value=True)
     return total, g_mean, g_var
 
@@ -1624,6 +1637,23 @@ class _SyncTerms:
         self.output: Tensor | None = None
         self.gain: Tensor | None = None
         self.gain_graph: Tensor | None = None
+
+    def arm(
+        self, dy: Tensor, output: Tensor | None, gain: Tensor, gain_graph: Tensor | None = None
+    ) -> None:
+        """Leave this backward pass's upstream for the statistics node, until the pass ends.
+
+        The statistics node runs later in the same pass when x's gradient is wanted; when it
+        is not (``autograd.grad(loss, [weight])``), nothing may be left for a later pass (a
+        stale ``dy``), nor kept alive (``dy`` and the ReLU's output reach back into the graph
+        that holds these terms: a reference cycle the garbage collector cannot see through).
+        """
+        self.dy, self.gain, self.gain_graph = dy, gain, gain_graph
+        self.output = None if output is None else output.detach()
+        torch.autograd.Variable._execution_engine.queue_callback(self.disarm)
+
+    def disarm(self) -> None:
+        self.take_upstream()
 
     def take_upstream(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         got = (self.dy, self.output, self.gain, self.gain_graph)
@@ -1753,7 +1783,7 @@ class _CppSyncNormalize(torch.autograd.Function):
             k = gain * t.invstd
             grad_mean = (-k * sums[0]).to(mean.dtype)
             grad_var = (-0.5 * k * t.invstd * t.invstd * sums[1]).to(var.dtype)
-            t.dy, t.output, t.gain = dy, output, gain
+            t.arm(dy, output, gain)
         return None, grad_weight, grad_bias, grad_mean, grad_var, None, None, None, None
 
 
@@ -1793,7 +1823,7 @@ def _sync_normalize_grads_graph(
         grad_bias = s1
     grad_mean = -gain * invstd * s1
     grad_var = -0.5 * gain * invstd**3 * s2
-    t.dy, t.output, t.gain, t.gain_graph = dy, output, _sync_gain(weight, r, t.invstd), gain
+    t.arm(dy, output, _sync_gain(weight, r, t.invstd), gain)
     return None, grad_weight, grad_bias, grad_mean, grad_var
 
 

@@ -834,35 +834,44 @@ def _check_kernels_meet_reference_ranks(rank: int, world: int, expect: Expect) -
     expect.true(f"rank {rank}: kernel calls {ops.calls}", ops.calls["bn_normalize"] == on_kernels)
 
 
+class _AdjustedNet(nn.Module):
+    """Linear → synchronized BN (kernels policy) → ReLU → Linear; the BN's adjustment is none,
+    fixed per channel, or learnable (operations on a parameter of the model)."""
+
+    def __init__(self, sync: bool, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.first = nn.Linear(4, CHANNELS)
+        if kind == "learnable":  # DDP refuses parameters that no loss uses
+            self.log_scale = nn.Parameter(torch.linspace(-0.3, 0.3, CHANNELS))
+        adjustment = {"none": None, "fixed": self._fixed, "learnable": self._learnable}[kind]
+        self.norm = bnkit.BatchNorm1d(
+            CHANNELS, sync=sync, adjustment=adjustment, policy={"kernels": "cpp"}
+        )
+        self.last = nn.Linear(CHANNELS, 2)
+
+    def _fixed(self, shape: torch.Size) -> tuple[Tensor, float]:
+        return torch.linspace(0.5, 1.5, CHANNELS), 0.1
+
+    def _learnable(self, shape: torch.Size) -> tuple[Tensor, float]:
+        return self.log_scale.exp(), 0.1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(torch.relu(self.norm(self.first(x))))
+
+
 def _check_kernels_under_ddp_with_an_empty_rank(rank: int, world: int, expect: Expect) -> None:
     """DDP with buckets of one parameter: its bucket all-reduces interleave with the layers'
     collectives, in the same order on the rank without data (reference path) as on the
-    others (kernels), also with a per-channel adjustment folded into γ and β. Trained
-    together, the model equals one process on the whole batch."""
+    others (kernels), also with a per-channel adjustment folded into γ and β, fixed or
+    learnable. Trained together, the model equals one process on the whole batch."""
     if not cpp.available():
         expect.errors.append(f"the C++ kernels did not build: {cpp.build_error()}")
         return
-    scale = torch.linspace(0.5, 1.5, CHANNELS)
-
-    def per_channel(shape: torch.Size) -> tuple[Tensor, float]:
-        return scale, 0.1
-
-    for adjustment in (None, per_channel):
-
-        def net(sync: bool, adjustment: Any = adjustment) -> nn.Module:
-            torch.manual_seed(13)
-            return nn.Sequential(
-                nn.Linear(4, CHANNELS),
-                bnkit.BatchNorm1d(
-                    CHANNELS, sync=sync, adjustment=adjustment, policy={"kernels": "cpp"}
-                ),
-                nn.ReLU(),
-                nn.Linear(CHANNELS, 2),
-            )
-
+    for kind in ("none", "fixed", "learnable"):
         sizes = [0, 5, 3][:world]
-        single = net(False)
-        ddp = nn.parallel.DistributedDataParallel(net(True), bucket_cap_mb=1e-6)
+        single = _AdjustedNet(False, kind)
+        ddp = nn.parallel.DistributedDataParallel(_AdjustedNet(True, kind), bucket_cap_mb=1e-6)
         opt_single = torch.optim.SGD(single.parameters(), lr=0.1)
         opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
         total = sum(sizes)
@@ -880,17 +889,16 @@ def _check_kernels_under_ddp_with_an_empty_rank(rank: int, world: int, expect: E
                     loss = ((model(xs) - ts) ** 2).sum() / total
                     (loss * factor).backward()
                     opt.step()
-        label = "adjusted" if adjustment else "plain"
         wanted = 3 if sizes[rank] else 0
         ran = ops.calls["bn_grad_apply"] == wanted
-        expect.true(f"{label}: rank {rank}: kernel calls {ops.calls}", ran)
+        expect.true(f"{kind}: rank {rank}: kernel calls {ops.calls}", ran)
         for (key, value), mine_value in zip(
             single.state_dict().items(), ddp.module.state_dict().values(), strict=True
         ):
             if value.is_floating_point():
-                expect.close(f"{label}: DDP {key} after 3 steps", mine_value, value)
+                expect.close(f"{kind}: DDP {key} after 3 steps", mine_value, value)
             else:
-                expect.true(f"{label}: DDP {key}", torch.equal(mine_value, value))
+                expect.true(f"{kind}: DDP {key}", torch.equal(mine_value, value))
         del ddp  # its reducer holds communication work
 
 
@@ -904,18 +912,45 @@ def _check_kernels_leave_nothing_behind(rank: int, world: int, expect: Expect) -
     g = torch.Generator().manual_seed(80 + rank)
     x0 = torch.randn(3 + rank, CHANNELS, 2, 2, generator=g, dtype=torch.float64)
     c = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    results = []
+    results, hooked = [], []
     for impl in ("cpp", "reference"):
         x = x0.clone().requires_grad_()
         w = torch.linspace(0.5, 1.5, CHANNELS, dtype=torch.float64).requires_grad_()
         b = torch.zeros(CHANNELS, dtype=torch.float64, requires_grad=True)
-        y = bnkit.functional.batch_norm(x, None, None, w, b, training=True, sync=True, impl=impl)
+        with _KernelCalls() as ops:
+            y = bnkit.functional.batch_norm(
+                x, None, None, w, b, training=True, sync=True, impl=impl
+            )
+        if impl == "cpp":
+            expect.true(f"on the kernels: {ops.calls}", ops.calls["bn_normalize"] == 1)
         # γ's gradient of a loss linear in y, with a graph: the statistics node is pruned...
         (gw,) = torch.autograd.grad((y * c).sum(), [w], create_graph=True)
         # ...and reached by this pass, which must not see the first pass's dy.
         (gx,) = torch.autograd.grad(gw.pow(2).sum(), [x])
         results.append(gx)
+        # A hook on γ that runs a backward through the same layer inside the outer pass: the
+        # inner pass arms the shared terms too and takes its own entry, not the outer's.
+        x = x0.clone().requires_grad_()
+        y = bnkit.functional.batch_norm(x, None, None, w, b, training=True, sync=True, impl=impl)
+        inner: list[int] = []
+
+        def reenter(
+            grad: Tensor, y: Tensor = y, x: Tensor = x, b: Tensor = b, inner: list[int] = inner
+        ) -> Tensor:
+            if not inner:
+                inner.append(1)
+                with torch.enable_grad():
+                    torch.autograd.grad((y * c.flip(0)).sum(), [x, b], retain_graph=True)
+            return grad
+
+        handle = w.register_hook(reenter)
+        (y * y * c).sum().backward(inputs=[x, w], retain_graph=True)  # the hook: between nodes
+        handle.remove()
+        expect.true(f"{impl}: the hook ran", inner == [1])
+        assert x.grad is not None
+        hooked.append(x.grad)
     expect.close("second pass after a pruned first pass", results[0], results[1])
+    expect.close("a backward through the layer inside the backward", hooked[0], hooked[1])
     for create_graph in (False, True):
         layer = bnkit.BatchNorm2d(CHANNELS, sync=True, activation="relu", policy={"kernels": "cpp"})
         x = torch.randn(3 + rank, CHANNELS, 4, 4, requires_grad=True)

@@ -1109,13 +1109,16 @@ def batch_norm(
                 sync_samples = _cpp_sample_weights(weights, x, a)
             served = sync_samples is not None
         adjusted = None
-        if served and adjustment is not None:
-            # Drawn once per step, whichever path runs; per channel, folded into γ and β by
-            # the step (after its statistics node, as the reference orders its graph).
+        if adjustment is not None:
+            # Drawn once per step, before the collectives, on every rank and either path: the
+            # operations of a learnable adjustment then take the same place in every rank's
+            # backward (after the statistics' all-reduce). Per channel, the kernel step folds
+            # the values into γ and β after its statistics node, as the reference path orders
+            # its affine terms; otherwise the reference path runs with these values.
             adjusted = adjustment(x.shape)
-            if not all(_is_per_channel(v, x.shape[a]) for v in adjusted):
-                served = False  # the reference path, with these values
-                adjustment = _constant_adjustment(adjusted)
+            adjustment = _constant_adjustment(adjusted)
+            if served and not all(_is_per_channel(v, x.shape[a]) for v in adjusted):
+                served = False
         if served and virtual_batch_size is None:
             y, stats = _cpp_sync_training_step(
                 x,
@@ -1619,6 +1622,9 @@ def _cpp_synced_moments(
     return total, g_mean, g_var
 
 
+_Upstream = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+
+
 class _SyncTerms:
     """What the two nodes of a synchronized kernel step share.
 
@@ -1627,16 +1633,15 @@ class _SyncTerms:
     the same backward pass: ``dy``, the fused ReLU's output, γ·r (float64, and as a
     differentiable tensor under ``create_graph``). The statistics node takes them once
     (``take_upstream``), so that a second backward through its saved outputs (double
-    backward) gets only the statistics' own gradient.
+    backward) gets only the statistics' own gradient. A stack, not one slot: a hook that runs
+    a backward through the same layer inside a pass arms and takes its own entry on top of
+    the outer pass's.
     """
 
     def __init__(self, mean: Tensor, invstd: Tensor, count: float, eps: float, group: Any) -> None:
         self.mean, self.invstd, self.count, self.eps, self.group = mean, invstd, count, eps, group
         self.samples: Tensor | None = None  # sample weights, the kernels' form
-        self.dy: Tensor | None = None
-        self.output: Tensor | None = None
-        self.gain: Tensor | None = None
-        self.gain_graph: Tensor | None = None
+        self._upstream: list[_Upstream] = []
 
     def arm(
         self, dy: Tensor, output: Tensor | None, gain: Tensor, gain_graph: Tensor | None = None
@@ -1647,18 +1652,25 @@ class _SyncTerms:
         is not (``autograd.grad(loss, [weight])``), nothing may be left for a later pass (a
         stale ``dy``), nor kept alive (``dy`` and the ReLU's output reach back into the graph
         that holds these terms: a reference cycle the garbage collector cannot see through).
+        So the entry is dropped by a callback when the pass (its graph task) ends.
         """
-        self.dy, self.gain, self.gain_graph = dy, gain, gain_graph
-        self.output = None if output is None else output.detach()
-        torch.autograd.Variable._execution_engine.queue_callback(self.disarm)
+        entry: _Upstream = (dy, None if output is None else output.detach(), gain, gain_graph)
+        self._upstream.append(entry)
 
-    def disarm(self) -> None:
-        self.take_upstream()
+        def drop() -> None:
+            for i, held in enumerate(self._upstream):
+                if held is entry:
+                    del self._upstream[i]
+                    return
 
-    def take_upstream(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        got = (self.dy, self.output, self.gain, self.gain_graph)
-        self.dy = self.output = self.gain = self.gain_graph = None
-        return got
+        torch.autograd.Variable._execution_engine.queue_callback(drop)
+
+    def take_upstream(self) -> _Upstream:
+        """The latest entry, removed; all None when there is none (a second backward through
+        the statistics node's saved outputs)."""
+        if not self._upstream:
+            return None, None, None, None
+        return self._upstream.pop()
 
 
 class _CppSyncMoments(torch.autograd.Function):

@@ -954,3 +954,20 @@ def test_channels_on_a_middle_axis_come_back_in_the_input_layout(calls: dict[str
         assert y.is_contiguous()
         torch.testing.assert_close(y, default(x), rtol=1e-5, atol=1e-5)
     assert calls == {"train": 2, "eval": 2}  # all four calls on the kernels
+
+
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("impl", ["reference", "auto", "cpp"])
+def test_number_valued_adjustment_keeps_float64_digits(impl: str) -> None:
+    # Python numbers from an adjustment go to the compute dtype directly: through float32 a
+    # shift of 0.1 on float64 input was off by 1.5e-9 (float32(0.1) − 0.1).
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    w = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    b = torch.zeros(3, dtype=torch.float64)
+    y = bnf.batch_norm(
+        x, None, None, w, b, training=True, eps=1e-3, adjustment=lambda s: (1.0, 0.1), impl=impl
+    )
+    mean = x.mean((0, 2), keepdim=True)
+    var = x.var((0, 2), unbiased=False, keepdim=True)
+    expected = ((x - mean) / torch.sqrt(var + 1e-3) + 0.1) * w.view(1, -1, 1)
+    torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13)

@@ -472,7 +472,10 @@ def _affine_terms(
     def view(v: Tensor | float | None) -> Tensor | None:
         if v is None:
             return None
-        t = torch.as_tensor(v, device=device).to(cdt)
+        # A Python number straight to the compute dtype (through float32 it would lose
+        # digits on float64 input: 0.1 → 0.10000000149).
+        t = torch.as_tensor(v, dtype=None if isinstance(v, Tensor) else cdt, device=device)
+        t = t.to(cdt)
         if t.ndim == 1 and t.numel() == channels and ndim > 1:
             return _channel_view(t, ndim, axis)
         return t
@@ -1140,7 +1143,9 @@ def batch_norm(
         elif served:
             assert virtual_batch_size is not None
             if adjusted is not None:  # no backward collective here: the order is free
-                folded = _fold_adjustment(adjusted, weight, bias, x.shape[a])
+                folded = _fold_adjustment(
+                    adjusted, weight, bias, x.shape[a], compute_dtype(x.dtype)
+                )
                 assert folded is not None
                 weight, bias = folded
             y, stats = _cpp_sync_ghost_step(
@@ -1203,7 +1208,7 @@ def batch_norm(
         if impl == "cpp" and kernels_ok and cpp_ok and adjustment is not None:
             # Drawn once per step, whichever path runs (adjustments are often random).
             adjusted = adjustment(x.shape)
-            folded = _fold_adjustment(adjusted, weight, bias, x.shape[a])
+            folded = _fold_adjustment(adjusted, weight, bias, x.shape[a], compute_dtype(x.dtype))
             if folded is None:  # not per channel: the general path, with these values
                 cpp_ok = False
                 adjustment = _constant_adjustment(adjusted)
@@ -1384,12 +1389,14 @@ def _fold_adjustment(
     weight: Tensor | None,
     bias: Tensor | None,
     channels: int,
+    number_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor] | None:
     """A per-channel adjustment folded into the affine the kernels apply, or None.
 
     ``((x̂·r + d)·a + b)·γ + β = (x̂·r + d)·(a·γ) + (b·γ + β)``: the kernels' γ' = a·γ and
     β' = b·γ + β, as tensor operations, so gradients still reach γ, β, a and b. None when a
-    or b is not one value per channel (or one value for all).
+    or b is not one value per channel (or one value for all). Python numbers become tensors
+    of γ's (or β's) dtype, or of ``number_dtype`` (the compute dtype) without either.
     """
     scale, shift = adjusted
     if not (_is_per_channel(scale, channels) and _is_per_channel(shift, channels)):
@@ -1398,7 +1405,12 @@ def _fold_adjustment(
     device = like.device if like is not None else None
 
     def per_channel(v: Tensor | float) -> Tensor:
-        t = torch.as_tensor(v, device=device)
+        # A Python number straight to the parameters' dtype, or the compute dtype without
+        # parameters (through float32 it would lose digits on float64 input).
+        dtype = (
+            None if isinstance(v, Tensor) else (like.dtype if like is not None else number_dtype)
+        )
+        t = torch.as_tensor(v, dtype=dtype, device=device)
         if like is not None and t.dtype != like.dtype:
             t = t.to(like.dtype)
         return torch.broadcast_to(t.reshape(-1) if t.ndim else t, (channels,))
@@ -1578,7 +1590,7 @@ def _cpp_sync_training_step(
     if adjusted is not None:
         # After the statistics node: the fold's nodes then run before it in the backward, so
         # γ's and β's gradients are accumulated before its all-reduce, as on the reference path.
-        folded = _fold_adjustment(adjusted, weight, bias, xt.shape[1])
+        folded = _fold_adjustment(adjusted, weight, bias, xt.shape[1], cdt)
         assert folded is not None
         weight, bias = folded
     y: Tensor = _CppSyncNormalize.apply(  # type: ignore[no-untyped-call]

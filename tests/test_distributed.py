@@ -708,6 +708,16 @@ def _check_kernels_ghost_batches(rank: int, world: int, expect: Expect) -> None:
         )
     steps = 3 if sizes[rank] else 0
     expect.true(f"bn_train calls {ops.calls}", ops.calls["train"] == steps)
+    # With sample weights: each ghost's total weight feeds the gather, as its count.
+    with _KernelCalls() as ops:
+        _equivalence(
+            rank,
+            expect,
+            _on_kernels(_bn2d(virtual_batch_size=2, momentum=0.3)),
+            sizes,
+            weighted=True,
+        )
+    expect.true(f"weighted: bn_train calls {ops.calls}", ops.calls["train"] == steps)
     # Strided ghosts have no one-process oracle over the concatenated batch: the kernel path
     # against the reference path, the same layer on the same data.
     outputs = []
@@ -723,7 +733,9 @@ def _check_kernels_ghost_batches(rank: int, world: int, expect: Expect) -> None:
         )
         g = torch.Generator().manual_seed(60 + rank)
         x = torch.randn(4 + 2 * rank, CHANNELS, 3, 3, generator=g).requires_grad_()
-        y = layer(x)
+        # Weights that differ between the strided ghosts (samples 0, 2, ... and 1, 3, ...).
+        w = torch.arange(x.shape[0], dtype=torch.float32) % 2 + 0.5 + 0.1 * rank
+        y = layer(x, weights=w)
         (y * torch.randn(y.shape, generator=g)).sum().backward()
         assert x.grad is not None
         outputs.append((y.detach(), x.grad, layer.running_mean, layer.running_var))

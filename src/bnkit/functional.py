@@ -1107,9 +1107,7 @@ def batch_norm(
         )
         sync_samples = None  # sample weights as the kernels take them
         if served and weights is not None:
-            # Not with ghost batches: their per-ghost total weights would feed the gather.
-            if virtual_batch_size is None:
-                sync_samples = _cpp_sample_weights(weights, x, a)
+            sync_samples = _cpp_sample_weights(weights, x, a)
             served = sync_samples is not None
         adjusted = None
         if adjustment is not None:
@@ -1161,6 +1159,7 @@ def batch_norm(
                 strided=ghost_layout == "strided",
                 relu=activation == "relu",
                 group=process_group,
+                sample_weights=sync_samples,
             )
         if served:
             y = _kernel_layout(y, x, a)
@@ -1510,21 +1509,40 @@ def _cpp_sync_ghost_step(
     strided: bool,
     relu: bool,
     group: Any,
+    sample_weights: Tensor | None = None,
 ) -> tuple[Tensor, BatchStats | None]:
     """A synchronized training step with ghost batches on the C++ kernels, as
     :func:`_sync_training_step` computes it: each rank normalizes its own ghosts
-    (``bnkit::bn_train``, forward and backward local), and only the statistics that feed the
-    running averages are averaged over every ghost of every rank
-    (``distributed.sync_ghost_statistics``, one gather; no backward collective)."""
+    (``bnkit::bn_train``, forward and backward local; weighted with ``sample_weights``, the
+    kernels' form), and only the statistics that feed the running averages are averaged over
+    every ghost of every rank (``distributed.sync_ghost_statistics``, one gather; no backward
+    collective), with each ghost's count, or total weight, as on the reference path."""
     xt = x.movedim(axis, 1) if axis != 1 else x
     cdt = compute_dtype(x.dtype)
-    out = cpp.train(xt, weight, bias, eps, ghosts=ghosts, strided=strided, relu=relu)
+    out = cpp.train(
+        xt, weight, bias, eps, ghosts=ghosts, strided=strided, relu=relu,
+        sample_weight=sample_weights,
+    )  # fmt: skip
     shape = (ghosts, xt.shape[1])
     g_mean, g_var = (
         out.mean.detach().to(cdt).reshape(shape),
         out.var.detach().to(cdt).reshape(shape),
     )
-    g_count = torch.full_like(g_mean, float(xt.numel() // xt.shape[1] // ghosts))
+    values = xt.numel() // xt.shape[1] // ghosts  # per channel per ghost
+    if sample_weights is None:
+        g_count = torch.full_like(g_mean, float(values))
+    else:
+        # Each sample's total weight (its positions' weights, or its one weight times the
+        # positions), summed over the samples of each ghost (samples g, g+G, ... when strided).
+        n = xt.shape[0]
+        per_sample = sample_weights.detach().to(cdt).reshape(n, -1).sum(1)
+        per_sample = per_sample * (xt.numel() // xt.shape[1] // sample_weights.numel())
+        by_ghost = (
+            per_sample.reshape(-1, ghosts).sum(0)
+            if strided
+            else per_sample.reshape(ghosts, -1).sum(1)
+        )
+        g_count = by_ghost.reshape(ghosts, 1).expand(shape)
     averaged = distributed.sync_ghost_statistics(
         g_mean, g_var, _unbiased(g_var, g_count), g_count, group
     )

@@ -1140,12 +1140,6 @@ def batch_norm(
             )
         elif served:
             assert virtual_batch_size is not None
-            if adjusted is not None:  # no backward collective here: the order is free
-                folded = _fold_adjustment(
-                    adjusted, weight, bias, x.shape[a], compute_dtype(x.dtype)
-                )
-                assert folded is not None
-                weight, bias = folded
             y, stats = _cpp_sync_ghost_step(
                 x,
                 a,
@@ -1160,6 +1154,7 @@ def batch_norm(
                 relu=activation == "relu",
                 group=process_group,
                 sample_weights=sync_samples,
+                adjusted=adjusted,
             )
         if served:
             y = _kernel_layout(y, x, a)
@@ -1470,12 +1465,12 @@ def _cpp_sync_serves(
     ghost_layout: str,
     renorm_mean: Tensor | None,
 ) -> bool:
-    """Whether a synchronized training step may run on the C++ kernels (the caller has
-    checked that they take ``x``, takes sample weights only without ghost batches and in the
-    kernels' form, and folds an adjustment into γ and β when it is per channel): in eager
-    mode, with at least two values per channel (per ghost batch) on this rank; global
-    statistics over the whole batch, or ghost batches without renorm (whose r and d would
-    need every rank's ghosts before the normalizing pass).
+    """Whether a synchronized training step may run on the C++ kernels: in eager mode, with
+    at least two values per channel (per ghost batch) on this rank; global statistics over
+    the whole batch, or ghost batches without renorm (whose r and d would need every rank's
+    ghosts before the normalizing pass). The caller has checked that the kernels take ``x``,
+    then also needs sample weights in the kernels' form and an adjustment per channel (the
+    steps fold it into γ and β).
 
     Every rank of a step decides the same way except on the batch size: a rank with an empty
     batch (or one value per channel) takes the reference path, whose collectives are the same
@@ -1510,15 +1505,22 @@ def _cpp_sync_ghost_step(
     relu: bool,
     group: Any,
     sample_weights: Tensor | None = None,
+    adjusted: tuple[Tensor | float, Tensor | float] | None = None,
 ) -> tuple[Tensor, BatchStats | None]:
     """A synchronized training step with ghost batches on the C++ kernels, as
     :func:`_sync_training_step` computes it: each rank normalizes its own ghosts
     (``bnkit::bn_train``, forward and backward local; weighted with ``sample_weights``, the
     kernels' form), and only the statistics that feed the running averages are averaged over
     every ghost of every rank (``distributed.sync_ghost_statistics``, one gather; no backward
-    collective), with each ghost's count, or total weight, as on the reference path."""
+    collective), with each ghost's count, or total weight, as on the reference path. A
+    per-channel adjustment's values ``adjusted`` are folded into γ and β (no backward
+    collective here, so where the fold's nodes stand does not matter)."""
     xt = x.movedim(axis, 1) if axis != 1 else x
     cdt = compute_dtype(x.dtype)
+    if adjusted is not None:
+        folded = _fold_adjustment(adjusted, weight, bias, xt.shape[1], cdt)
+        assert folded is not None
+        weight, bias = folded
     out = cpp.train(
         xt, weight, bias, eps, ghosts=ghosts, strided=strided, relu=relu,
         sample_weight=sample_weights,
@@ -1532,11 +1534,8 @@ def _cpp_sync_ghost_step(
     if sample_weights is None:
         g_count = torch.full_like(g_mean, float(values))
     else:
-        # Each sample's total weight (its positions' weights, or its one weight times the
-        # positions), summed over the samples of each ghost (samples g, g+G, ... when strided).
-        n = xt.shape[0]
-        per_sample = sample_weights.detach().to(cdt).reshape(n, -1).sum(1)
-        per_sample = per_sample * (xt.numel() // xt.shape[1] // sample_weights.numel())
+        # The samples' total weights summed per ghost (samples g, g+G, ... when strided).
+        per_sample = _sample_totals(sample_weights, xt, cdt)
         by_ghost = (
             per_sample.reshape(-1, ghosts).sum(0)
             if strided
@@ -1618,6 +1617,13 @@ def _cpp_sync_training_step(
     return y, stats
 
 
+def _sample_totals(samples: Tensor, xt: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each sample's total weight per channel, (N,) in ``dtype``, from sample weights in the
+    kernels' form (its positions' weights summed, or its one weight times its positions)."""
+    positions_per_weight = xt.numel() // xt.shape[1] // samples.numel()
+    return samples.detach().to(dtype).reshape(xt.shape[0], -1).sum(1) * positions_per_weight
+
+
 def _cpp_synced_moments(
     xt: Tensor, samples: Tensor | None, group: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -1636,8 +1642,7 @@ def _cpp_synced_moments(
         count = torch.full_like(mean, values)
         total, g_mean, g_var, _ = distributed.merge_moments(count, mean, var * values, group)
         return total, g_mean, g_var
-    repeat = values / samples.numel()  # positions per weight: per-sample weights cover many
-    weight_total = float(samples.detach().double().sum()) * repeat
+    weight_total = float(_sample_totals(samples, xt, torch.float64).sum())
     if weight_total > 0:
         mean, var = cpp.bn_stats(xt.detach(), float64=True, sample_weight=samples)
     else:
@@ -1652,30 +1657,29 @@ def _cpp_synced_moments(
     return total, g_mean, g_var
 
 
-_Upstream = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+_Upstream = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
 class _SyncTerms:
     """What the two nodes of a synchronized kernel step share.
 
     The global statistics in float64 (the kernels' operands: mean, 1/sqrt(var + eps), the
-    count W), and what the normalizing node's backward leaves for the statistics node's in
-    the same backward pass: ``dy``, the fused ReLU's output, γ·r (float64, and as a
-    differentiable tensor under ``create_graph``). The statistics node takes them once
-    (``take_upstream``), so that a second backward through its saved outputs (double
-    backward) gets only the statistics' own gradient. A stack, not one slot: a hook that runs
-    a backward through the same layer inside a pass arms and takes its own entry on top of
-    the outer pass's.
+    count W), γ·r in float64 (``gain``, set by the forward), and what the normalizing node's
+    backward leaves for the statistics node's in the same backward pass: ``dy``, the fused
+    ReLU's output and, under ``create_graph``, γ·r as a differentiable tensor. The statistics
+    node takes them once (``take_upstream``), so that a second backward through its saved
+    outputs (double backward) gets only the statistics' own gradient. A stack, not one slot:
+    a hook that runs a backward through the same layer inside a pass arms and takes its own
+    entry on top of the outer pass's.
     """
 
     def __init__(self, mean: Tensor, invstd: Tensor, count: float, eps: float, group: Any) -> None:
         self.mean, self.invstd, self.count, self.eps, self.group = mean, invstd, count, eps, group
         self.samples: Tensor | None = None  # sample weights, the kernels' form
+        self.gain = torch.ones_like(invstd)  # γ·r
         self._upstream: list[_Upstream] = []
 
-    def arm(
-        self, dy: Tensor, output: Tensor | None, gain: Tensor, gain_graph: Tensor | None = None
-    ) -> None:
+    def arm(self, dy: Tensor, output: Tensor | None, gain_graph: Tensor | None = None) -> None:
         """Leave this backward pass's upstream for the statistics node, until the pass ends.
 
         The statistics node runs later in the same pass when x's gradient is wanted; when it
@@ -1684,7 +1688,7 @@ class _SyncTerms:
         that holds these terms: a reference cycle the garbage collector cannot see through).
         So the entry is dropped by a callback when the pass (its graph task) ends.
         """
-        entry: _Upstream = (dy, None if output is None else output.detach(), gain, gain_graph)
+        entry: _Upstream = (dy, None if output is None else output.detach(), gain_graph)
         self._upstream.append(entry)
 
         def drop() -> None:
@@ -1699,7 +1703,7 @@ class _SyncTerms:
         """The latest entry, removed; all None when there is none (a second backward through
         the statistics node's saved outputs)."""
         if not self._upstream:
-            return None, None, None, None
+            return None, None, None
         return self._upstream.pop()
 
 
@@ -1730,14 +1734,14 @@ class _CppSyncMoments(torch.autograd.Function):
         x, mean, var = ctx.saved_tensors
         t: _SyncTerms = ctx.terms
         summed_mean, summed_var = distributed.all_reduce_moment_grads(grad_mean, grad_var, t.group)
-        dy, output, gain, gain_graph = t.take_upstream()
-        if not torch.is_grad_enabled() and dy is not None and gain is not None:
+        dy, output, gain_graph = t.take_upstream()
+        if not torch.is_grad_enabled() and dy is not None:
             dx = cpp.bn_grad_apply(
                 dy,
                 x,
                 t.mean,
                 t.invstd,
-                gain,
+                t.gain,
                 summed_mean.double(),
                 summed_var.double(),
                 t.count,
@@ -1793,11 +1797,11 @@ class _CppSyncNormalize(torch.autograd.Function):
         relu: bool,
         terms: _SyncTerms,
     ) -> Tensor:
-        gain = _sync_gain(weight, r, terms.invstd)
+        terms.gain = _sync_gain(weight, r, terms.invstd)
         shift = torch.zeros_like(terms.invstd) if bias is None else bias.double()
         if d is not None:
             shift = shift + (1.0 if weight is None else weight.double()) * d.double()
-        y = cpp.bn_normalize(x, terms.mean, gain * terms.invstd, shift, relu=relu)
+        y = cpp.bn_normalize(x, terms.mean, terms.gain * terms.invstd, shift, relu=relu)
         ctx.save_for_backward(x, weight, bias, mean, var, r, d, y if relu else None)
         ctx.terms = terms
         return y
@@ -1811,7 +1815,6 @@ class _CppSyncNormalize(torch.autograd.Function):
             grads = _sync_normalize_grads_graph(ctx, dy, x, weight, mean, var, r, d, output)
             return grads + (None,) * 4
         sums = cpp.bn_grad_sums(dy, x, t.mean, output=output)
-        gain = _sync_gain(weight, r, t.invstd)
         grad_weight = grad_bias = grad_mean = grad_var = None
         if weight is not None and ctx.needs_input_grad[1]:
             # ∂y/∂γ = x̂·r + d
@@ -1822,10 +1825,10 @@ class _CppSyncNormalize(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sums[0].to(bias.dtype)
         if want_stats:
-            k = gain * t.invstd
+            k = t.gain * t.invstd
             grad_mean = (-k * sums[0]).to(mean.dtype)
             grad_var = (-0.5 * k * t.invstd * t.invstd * sums[1]).to(var.dtype)
-            t.arm(dy, output, gain)
+            t.arm(dy, output)
         return None, grad_weight, grad_bias, grad_mean, grad_var, None, None, None, None
 
 
@@ -1865,7 +1868,7 @@ def _sync_normalize_grads_graph(
         grad_bias = s1
     grad_mean = -gain * invstd * s1
     grad_var = -0.5 * gain * invstd**3 * s2
-    t.arm(dy, output, _sync_gain(weight, r, t.invstd), gain)
+    t.arm(dy, output, gain)
     return None, grad_weight, grad_bias, grad_mean, grad_var
 
 

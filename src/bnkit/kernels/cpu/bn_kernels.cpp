@@ -1848,7 +1848,7 @@ static at::Tensor affine_pass(const Geometry& g, const std::vector<double>& m,
   const int64_t cc = g.c;
   std::vector<A> ma(m.begin(), m.end()), aa(a.begin(), a.end()), ba(b.begin(), b.end());
   const bool stream = streams(out);
-  auto run = [&](auto relu_tag) {
+  with_flag(relu, [&](auto relu_tag) {
     constexpr bool R = decltype(relu_tag)::value;
     for_all(
         g,
@@ -1864,13 +1864,19 @@ static at::Tensor affine_pass(const Geometry& g, const std::vector<double>& m,
                                 ba.data() + at);
           });
         });
-  };
-  if (relu) {
-    run(std::true_type{});
-  } else {
-    run(std::false_type{});
-  }
+  });
   return out;
+}
+
+// f(std::true_type{}) or f(std::false_type{}): a runtime flag (the fused ReLU) as a
+// template argument of the passes.
+template <typename F>
+static void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 template <typename F>
@@ -2491,6 +2497,20 @@ static at::Tensor like_geometry(const at::Tensor& t, const Geometry& g) {
   return t.contiguous();
 }
 
+// What a backward pass reads besides x: grad_out, and a fused ReLU's output (grad_out again
+// without one, never read then), in x's dtype and in the geometry's layout.
+struct Upstream {
+  at::Tensor dy, y;
+};
+
+static Upstream upstream_of(const Geometry& g, const at::Tensor& grad_out,
+                            const std::optional<at::Tensor>& output) {
+  const auto dtype = g.x.scalar_type();
+  at::Tensor dy = like_geometry(grad_out.to(dtype), g);
+  at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  return {dy, y};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
@@ -2525,20 +2545,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
   t.grad_mean = values_of<double>(grad_mean);
   t.grad_var = values_of<double>(grad_var);
   const auto dtype = input.scalar_type();
-  const at::Tensor dy = like_geometry(grad_out.to(dtype), g);
-  const at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  const Upstream up = upstream_of(g, grad_out, output);
   std::vector<double> s1(width, 0.0), s2(width, 0.0);
   at::Tensor gx = new_like(g.x);
   if (g.x.numel() > 0) {
     dispatch_dtype(dtype, [&](auto tag) {
       using T = decltype(tag);
-      if (has(output)) {
-        train_backward<T, true>(g, t, dy.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                                gx.data_ptr<T>(), s1.data(), s2.data());
-      } else {
-        train_backward<T, false>(g, t, dy.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                                 gx.data_ptr<T>(), s1.data(), s2.data());
-      }
+      with_flag(has(output), [&](auto relu) {
+        train_backward<T, decltype(relu)::value>(g, t, up.dy.const_data_ptr<T>(),
+                                                 up.y.const_data_ptr<T>(), gx.data_ptr<T>(),
+                                                 s1.data(), s2.data());
+      });
     });
   }
   // dβ = Σ_g S1; dγ = Σ_g (r·invstd·S2 + d·S1), the gradient of γ·(x̂·r + d); one ghost's
@@ -2578,8 +2595,7 @@ at::Tensor bn_grad_sums(const at::Tensor& grad_out, const at::Tensor& input,
   const Geometry g = geometry_of(input);
   check_vector(mean, g.c, "mean");
   const auto dtype = input.scalar_type();
-  const at::Tensor dy = like_geometry(grad_out.to(dtype), g);
-  const at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  const Upstream up = upstream_of(g, grad_out, output);
   at::Tensor sums = at::zeros({2, g.c}, input.options().dtype(at::kDouble));
   if (g.x.numel() == 0) return sums;
   double* const s = sums.data_ptr<double>();
@@ -2587,15 +2603,10 @@ at::Tensor bn_grad_sums(const at::Tensor& grad_out, const at::Tensor& input,
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const std::vector<typename Acc<T>::type> mu(mv.begin(), mv.end());
-    auto run = [&](auto relu_tag) {
-      all_grad_sums<T, decltype(relu_tag)::value>(g, mu.data(), dy.const_data_ptr<T>(),
-                                                  y.const_data_ptr<T>(), s, s + g.c);
-    };
-    if (has(output)) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
+    with_flag(has(output), [&](auto relu) {
+      all_grad_sums<T, decltype(relu)::value>(g, mu.data(), up.dy.const_data_ptr<T>(),
+                                              up.y.const_data_ptr<T>(), s, s + g.c);
+    });
   });
   return sums;
 }
@@ -2631,8 +2642,7 @@ at::Tensor bn_grad_apply(const at::Tensor& grad_out, const at::Tensor& input,
   t.grad_mean = values_of<double>(grad_mean);
   t.grad_var = values_of<double>(grad_var);
   const auto dtype = input.scalar_type();
-  const at::Tensor dy = like_geometry(grad_out.to(dtype), g);
-  const at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  const Upstream up = upstream_of(g, grad_out, output);
   at::Tensor gx = new_like(g.x);
   if (g.x.numel() == 0) return gx;
   const std::vector<double> zeros(g.c, 0.0), gamma_r = grad_gains(t, g.c);
@@ -2644,17 +2654,11 @@ at::Tensor bn_grad_apply(const at::Tensor& grad_out, const at::Tensor& input,
     // Zero sums: the all-reduced grad_mean and grad_var carry every process's.
     ghost_grad_coefficients<A>(t, 0, g.c, gamma_r.data(), mu.data(), zeros.data(), zeros.data(),
                                count, m.data(), a.data(), b.data(), e.data());
-    auto run = [&](auto relu_tag) {
-      grad_input_pass<T, decltype(relu_tag)::value>(g, dy.const_data_ptr<T>(),
-                                                    y.const_data_ptr<T>(), gx.data_ptr<T>(),
-                                                    stream, m.data(), a.data(), b.data(),
-                                                    e.data());
-    };
-    if (has(output)) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
-    }
+    with_flag(has(output), [&](auto relu) {
+      grad_input_pass<T, decltype(relu)::value>(
+          g, up.dy.const_data_ptr<T>(), up.y.const_data_ptr<T>(),
+          gx.data_ptr<T>(), stream, m.data(), a.data(), b.data(), e.data());
+    });
   });
   return gx;
 }
@@ -2724,17 +2728,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_eval_backward(
     const at::Tensor& var, const std::optional<at::Tensor>& weight, double eps,
     const std::optional<at::Tensor>& output, bool param_grads) {
   check_input(input);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bnkit::bn_eval_backward: grad_out shape ",
-              grad_out.sizes(), " differs from x shape ", input.sizes());
-  TORCH_CHECK(grad_out.device().is_cpu(), "bnkit: CPU tensors only");
+  check_like_input(grad_out, input, "bn_eval_backward", "grad_out");
   const Geometry g = geometry_of(input);
   check_vector(mean, g.c, "mean");
   check_vector(var, g.c, "var");
   if (has(weight)) check_vector(*weight, g.c, "weight");
-  if (has(output)) {
-    TORCH_CHECK(output->sizes() == input.sizes(), "bnkit::bn_eval_backward: output shape ",
-                output->sizes(), " differs from x shape ", input.sizes());
-  }
+  if (has(output)) check_like_input(*output, input, "bn_eval_backward", "output");
   const std::vector<double> mv = values_of<double>(mean), vv = values_of<double>(var),
                             w = values_of<double>(weight);
   std::vector<double> invstd(g.c), k(g.c);
@@ -2743,8 +2742,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_eval_backward(
     k[ch] = (w.empty() ? 1.0 : w[ch]) * invstd[ch];
   }
   const auto dtype = input.scalar_type();
-  const at::Tensor dy = like_geometry(grad_out.to(dtype), g);
-  const at::Tensor y = has(output) ? like_geometry(output->to(dtype), g) : dy;
+  const Upstream up = upstream_of(g, grad_out, output);
   std::vector<double> s1(param_grads ? g.c : 0, 0.0), s2(param_grads ? g.c : 0, 0.0);
   at::Tensor gx = new_like(g.x);
   if (g.x.numel() > 0) {
@@ -2752,13 +2750,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_eval_backward(
       using T = decltype(tag);
       double* p1 = param_grads ? s1.data() : nullptr;
       double* p2 = param_grads ? s2.data() : nullptr;
-      if (has(output)) {
-        eval_backward<T, true>(g, mv, k, dy.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                               gx.data_ptr<T>(), p1, p2);
-      } else {
-        eval_backward<T, false>(g, mv, k, dy.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                                gx.data_ptr<T>(), p1, p2);
-      }
+      with_flag(has(output), [&](auto relu) {
+        eval_backward<T, decltype(relu)::value>(g, mv, k, up.dy.const_data_ptr<T>(),
+                                                up.y.const_data_ptr<T>(),
+                                                gx.data_ptr<T>(), p1, p2);
+      });
     });
   }
   // dβ = Σdy', dγ = Σdy'·(x − μ)·invstd (zeros when not asked for).

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -291,6 +292,22 @@ def test_interleaved_timing_batches_short_calls() -> None:
     assert inner[0] > 1
     assert 5 <= repeats <= 51
     assert calls[0] == 1 + repeats * inner[0]
+
+
+def test_interleaved_timing_gives_every_contender_the_slowest_ones_count() -> None:
+    calls = [0, 0]
+
+    def tick() -> None:
+        calls[0] += 1
+
+    def slow() -> None:  # at least 2 ms: one call fills a sample on its own
+        calls[1] += 1
+        time.sleep(0.002)
+
+    _, _, inner = bench.time_interleaved([tick, slow], repeats=3, warmup=1)
+    # A tick looped 200 times would find its data in the cache; the slow call, once, would not.
+    assert inner == [1, 1]
+    assert calls == [1 + 3, 1 + 3]
 
 
 def test_peak_memory_counts_live_bytes_not_total() -> None:

@@ -19,7 +19,8 @@ configuration runs the same code (no ghosts, renorm or sample weights in inferen
 the default configuration is timed there.
 
 Times are medians over repeats of one timed sample each; a sample averages ``inner``
-back-to-back calls when a call is shorter than about a millisecond. Peak memory (``fwd+bwd``
+back-to-back calls, the same count for every contender of a row, when the row's slowest call
+is shorter than about a millisecond. Peak memory (``fwd+bwd``
 rows) is the largest number of bytes that PyTorch's CPU allocator held at once during one
 forward+backward beyond what was allocated before it (output, saved tensors, gradients and
 temporaries), read from the allocation events of ``torch.profiler`` with ``profile_memory``.
@@ -529,9 +530,10 @@ def time_interleaved(
 
     Each repeat times every function once, starting with a different one each time (the
     order rotates), so slow drifts of a shared machine affect all of them alike. With
-    ``batch_calls`` a timed sample runs ``inner`` calls back to back when one call is shorter
-    than about a millisecond. ``repeats=None`` picks a count (5 to 51) that fits a budget of
-    about 1.5 seconds for the row.
+    ``batch_calls`` a timed sample runs ``inner`` calls back to back when the slowest
+    function's call is shorter than about a millisecond; every function gets that same count,
+    so all are timed in the same state of the caches. ``repeats=None`` picks a count (5 to 51)
+    that fits a budget of about 1.5 seconds for the row.
 
     Returns:
         ``(medians, repeats, inner)``: median seconds per call of each function, the number
@@ -543,10 +545,15 @@ def time_interleaved(
         for _ in range(max(1, warmup)):
             for i, fn in enumerate(fns):
                 estimate[i] = _time_once(fn, 1)
+        # One count for every contender, the slowest one's: a contender timed in a longer
+        # back-to-back loop than the others finds its data in the cache the previous call left,
+        # and the others after them do not, so their ratio would compare a warm loop with cold
+        # calls (on 128x512x7x7 a copy looped twice took 0.58 ms, called once 0.72 ms).
         inner = [
-            min(_MAX_INNER, max(1, math.ceil(_SAMPLE_S / max(e, 1e-9)))) if batch_calls else 1
-            for e in estimate
-        ]
+            min(_MAX_INNER, max(1, math.ceil(_SAMPLE_S / max(max(estimate), 1e-9))))
+            if batch_calls
+            else 1
+        ] * k
         if repeats is None:
             per_repeat = sum(e * m for e, m in zip(estimate, inner, strict=True))
             repeats = int(min(_MAX_REPEATS, max(_MIN_REPEATS, _ROW_BUDGET_S / per_repeat)))

@@ -449,6 +449,36 @@ def test_eval_grad_benchmark_script_prints_its_table(capsys: pytest.CaptureFixtu
     assert line == "| 8x4 | NC | x | 3.000 | 4.000 | 0.500 | 0.75 | 6.0 |"
 
 
+def test_traffic_floor_script_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import pathlib
+
+    from bnkit.kernels import cpp
+
+    if not cpp.available():
+        pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "traffic_floor.py"
+    spec = importlib.util.spec_from_file_location("traffic_floor", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--shapes", "4x3x2x2,6x5", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| 4x3x2x2", "| 6x5"))]
+    assert [row.split("|")[2].strip() for row in rows] == ["NCHW", "NHWC", "NC"]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert len(cells) == 11
+        assert all(float(v) > 0 for v in cells[3:])  # ratios of positive times
+    # The floor and the fwd+bwd sum, on numbers chosen here.
+    row = {"shape": "8x4", "layout": "NC", "copy_ms": 0.5}
+    row.update(dict(zip(module.COLUMNS, (0.5, 1.0, 1.5, 1.25, 2.0, 4.5), strict=True)))
+    assert module.two_pass_floor(row) == 4.0
+    line = module.format_table([row]).splitlines()[-1]
+    assert line == "| 8x4 | NC | 0.500 | 0.50 | 1.00 | 1.50 | 4.00 | 1.25 | 2.00 | 4.50 | 3.25 |"
+
+
 def test_sync_benchmark_script_prints_its_table() -> None:
     # Spawns two gloo processes (a few seconds): the rows, in order, with positive times.
     import pathlib

@@ -28,19 +28,25 @@ def built() -> None:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts calls of the C++ training and eval entry points."""
+    """Counts calls of the C++ training and eval entry points (a layer's own step enters
+    through ``cpp.train_call``, the functional core through ``cpp.train``)."""
     counts = {"train": 0, "eval": 0}
-    train, bn_eval = cpp.train, cpp.bn_eval
+    train, train_call, bn_eval = cpp.train, cpp.train_call, cpp.bn_eval
 
     def counting_train(*args: Any, **kwargs: Any) -> cpp.TrainOutput:
         counts["train"] += 1
         return train(*args, **kwargs)
+
+    def counting_train_call(*args: Any) -> tuple[torch.Tensor, ...]:
+        counts["train"] += 1
+        return train_call(*args)
 
     def counting_eval(*args: Any, **kwargs: Any) -> torch.Tensor:
         counts["eval"] += 1
         return bn_eval(*args, **kwargs)
 
     monkeypatch.setattr(cpp, "train", counting_train)
+    monkeypatch.setattr(cpp, "train_call", counting_train_call)
     monkeypatch.setattr(cpp, "bn_eval", counting_eval)
     return counts
 

@@ -728,33 +728,36 @@ class BatchNorm(nn.Module):
             return None
         nonfinite = get_policy_eager("nonfinite", layer)
         guard = nonfinite != "update"
-        rmin, rmax, dmax = bnf._renorm_bounds(self.renorm_clipping)
-        out = cpp.train(
+        rmin = rmax = dmax = None
+        if renorm_mean is not None:
+            rmin, rmax, dmax = bnf._renorm_bounds(self.renorm_clipping)
+        # cpp.train's arguments, positionally: its keyword binding costs microseconds per step.
+        y, _, _, _, _, updated = cpp.train_call(
             xt,
             weight,
             bias,
             self.eps,
-            ghosts=ghosts,
-            strided=self.ghost_layout == "strided",
-            renorm_mean=renorm_mean,
-            renorm_std=renorm_stddev,
-            rmin=rmin,
-            rmax=rmax,
-            dmax=dmax,
-            relu=relu,
-            running_mean=running_mean,
-            running_var=running_var,
-            momentum=rule.momentum,
-            sample_weight=sample_weight,
-            num_batches_tracked=counter,
-            guard=guard,
-            running_std=stddev,
-            renorm_momentum=rule.renorm_momentum or 0.0,
-            biased=rule.biased,
+            ghosts,
+            self.ghost_layout == "strided",
+            renorm_mean,
+            renorm_stddev,
+            rmin,
+            rmax,
+            dmax,
+            relu,
+            running_mean,
+            running_var,
+            rule.momentum,
+            sample_weight,
+            counter,
+            guard,
+            stddev,
+            rule.renorm_momentum or 0.0,
+            rule.biased,
         )
-        if guard and not out.updated.item():
+        if guard and not updated.item():
             self._report_skipped_update(state, nonfinite)
-        return bnf._kernel_layout(out.y.movedim(1, a), x, a) if a != 1 else out.y
+        return bnf._kernel_layout(y.movedim(1, a), x, a) if a != 1 else y
 
     def _ghosts_in(self, x: Tensor) -> int | None:
         """How many ghost batches a training call on ``x`` has (1 without ghost batches), or

@@ -24,7 +24,6 @@ of a row are interleaved with the same number of calls per sample
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 
@@ -130,21 +129,14 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="traffic_floor.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="e.g. 32x256x14x14,256x1024")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row")
-    args = parser.parse_args(argv)
-    if not cpp.available():
-        print(f"the C++ kernels cannot be built here: {cpp.build_error()}", file=sys.stderr)
-        return 1
-    info = bench.machine_info()
-    print(
-        f"traffic floor, {info['date']}: torch {info['torch_version']}, "
-        f"{info['torch_threads']} torch threads, {info['cpu_model']}"
+    return bench.kernel_script_main(
+        argv,
+        prog="traffic_floor.py",
+        doc=__doc__,
+        title="traffic floor",
+        default_shapes=DEFAULT_SHAPES,
+        table=lambda shapes, repeats: format_table(run(shapes, repeats)),
     )
-    print()
-    print(format_table(run(bench.parse_shapes(args.shapes), args.repeats)))
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -400,7 +401,8 @@ def test_default_rows_also_time_torch_module(quick_report: bench.BenchReport) ->
             assert r.torch_module_vs_torch is None
 
 
-def test_eval_grad_benchmark_script_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+def _kernel_script(name: str) -> Any:
+    """benchmarks/<name>.py imported as a module (skips the test without the C++ kernels)."""
     import importlib.util
     import pathlib
 
@@ -408,12 +410,17 @@ def test_eval_grad_benchmark_script_prints_its_table(capsys: pytest.CaptureFixtu
 
     if not cpp.available():
         pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "eval_grad.py"
-    spec = importlib.util.spec_from_file_location("eval_grad", path)
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_grad_benchmark_script_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    module = _kernel_script("eval_grad")
     assert module.main(["--shapes", "4x3x2x2,6x5", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     rows = [
@@ -450,19 +457,7 @@ def test_eval_grad_benchmark_script_prints_its_table(capsys: pytest.CaptureFixtu
 
 
 def test_traffic_floor_script_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-    import pathlib
-
-    from bnkit.kernels import cpp
-
-    if not cpp.available():
-        pytest.skip(f"C++ kernels cannot be built here: {cpp.build_error()}")
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "traffic_floor.py"
-    spec = importlib.util.spec_from_file_location("traffic_floor", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _kernel_script("traffic_floor")
     assert module.main(["--shapes", "4x3x2x2,6x5", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("| 4x3x2x2", "| 6x5"))]

@@ -281,6 +281,52 @@ def _stream_line(meta: dict[str, Any]) -> str:
     return f"C++ kernels: streaming stores for outputs of {threshold / 2**20:g} MiB or more"
 
 
+def kernel_script_main(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    doc: str,
+    title: str,
+    default_shapes: str,
+    table: Callable[[list[tuple[int, ...]], int | None], str],
+) -> int:
+    """The command line of the scripts in ``benchmarks/`` that time the C++ kernels.
+
+    ``--shapes`` and ``--repeats`` are parsed, the kernels built (exit status 1 with the build
+    error when they cannot be), and ``table(shapes, repeats)`` printed under a header line
+    that starts with ``title`` and names the date, torch, its threads and the CPU.
+
+    Example:
+        >>> import contextlib, io
+        >>> from bnkit.kernels import cpp
+        >>> out = io.StringIO()
+        >>> with contextlib.redirect_stdout(out):
+        ...     code = kernel_script_main(["--shapes", "4x3"], prog="x.py", doc="X.",
+        ...                               title="demo", default_shapes="8x2",
+        ...                               table=lambda shapes, repeats: f"{shapes} {repeats}")
+        >>> if cpp.available():
+        ...     assert code == 0 and out.getvalue().startswith("demo, ")
+        ...     assert out.getvalue().splitlines()[-2:] == ["", "[(4, 3)] None"]
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--shapes", default=default_shapes, help="e.g. 32x256x14x14,256x1024")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row")
+    args = parser.parse_args(argv)
+    from bnkit.kernels import cpp
+
+    if not cpp.available():
+        print(f"the C++ kernels cannot be built here: {cpp.build_error()}", file=sys.stderr)
+        return 1
+    info = machine_info()
+    print(
+        f"{title}, {info['date']}: torch {info['torch_version']}, "
+        f"{info['torch_threads']} torch threads, {info['cpu_model']}"
+    )
+    print()
+    print(table(parse_shapes(args.shapes), args.repeats))
+    return 0
+
+
 def machine_info() -> dict[str, Any]:
     """What the timings depend on: CPU, cores, torch threads and versions, date."""
     import bnkit

@@ -310,6 +310,29 @@ def test_interleaved_timing_gives_every_contender_the_slowest_ones_count() -> No
     assert inner == [1, 1]
     assert calls == [1 + 3, 1 + 3]
 
+    def fast_sleep() -> None:  # at least 0.25 ms: at most 4 calls fill a sample
+        calls[1] += 1
+        time.sleep(0.00025)
+
+    calls[:] = [0, 0]
+    _, _, inner = bench.time_interleaved([tick, fast_sleep], repeats=2, warmup=1)
+    assert inner[0] == inner[1] <= 4
+    assert calls == [1 + 2 * inner[0], 1 + 2 * inner[1]]
+
+
+def test_interleaved_timing_takes_a_given_count() -> None:
+    # A contender timed in a loop of its own (TensorFlow) takes its row's count.
+    calls = [0]
+
+    def tick() -> None:
+        calls[0] += 1
+
+    _, repeats, inner = bench.time_interleaved([tick], repeats=2, warmup=1, inner=7)
+    assert (repeats, inner) == (2, [7])
+    assert calls[0] == 1 + 2 * 7
+    _, _, inner = bench.time_interleaved([tick], repeats=2, warmup=1, inner=7, batch_calls=False)
+    assert inner == [1]
+
 
 def test_peak_memory_counts_live_bytes_not_total() -> None:
     mib = 2**20

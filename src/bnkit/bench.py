@@ -571,6 +571,7 @@ def time_interleaved(
     repeats: int | None,
     warmup: int,
     batch_calls: bool = True,
+    inner: int | None = None,
 ) -> tuple[list[float], int, list[int]]:
     """Median seconds per call of each function, timed alternately in one loop.
 
@@ -578,8 +579,10 @@ def time_interleaved(
     order rotates), so slow drifts of a shared machine affect all of them alike. With
     ``batch_calls`` a timed sample runs ``inner`` calls back to back when the slowest
     function's call is shorter than about a millisecond; every function gets that same count,
-    so all are timed in the same state of the caches. ``repeats=None`` picks a count (5 to 51)
-    that fits a budget of about 1.5 seconds for the row.
+    so all are timed in the same state of the caches. ``inner`` fixes that count instead (a
+    contender timed in a loop of its own, as TensorFlow is, takes its row's count).
+    ``repeats=None`` picks a count (5 to 51) that fits a budget of about 1.5 seconds for the
+    row.
 
     Returns:
         ``(medians, repeats, inner)``: median seconds per call of each function, the number
@@ -595,20 +598,19 @@ def time_interleaved(
         # back-to-back loop than the others finds its data in the cache the previous call left,
         # and the others after them do not, so their ratio would compare a warm loop with cold
         # calls (on 128x512x7x7 a copy looped twice took 0.58 ms, called once 0.72 ms).
-        inner = [
-            min(_MAX_INNER, max(1, math.ceil(_SAMPLE_S / max(max(estimate), 1e-9))))
-            if batch_calls
-            else 1
-        ] * k
+        if inner is None:
+            slowest = max(estimate, default=0.0)
+            inner = min(_MAX_INNER, max(1, math.ceil(_SAMPLE_S / max(slowest, 1e-9))))
+        counts = [inner if batch_calls else 1] * k
         if repeats is None:
-            per_repeat = sum(e * m for e, m in zip(estimate, inner, strict=True))
+            per_repeat = sum(e * m for e, m in zip(estimate, counts, strict=True))
             repeats = int(min(_MAX_REPEATS, max(_MIN_REPEATS, _ROW_BUDGET_S / per_repeat)))
         samples: list[list[float]] = [[] for _ in fns]
         for r in range(repeats):
             for j in range(k):
                 i = (r + j) % k
-                samples[i].append(_time_once(fns[i], inner[i]))
-    return [statistics.median(s) for s in samples], repeats, inner
+                samples[i].append(_time_once(fns[i], counts[i]))
+    return [statistics.median(s) for s in samples], repeats, counts
 
 
 # ---------------------------------------------------------------------------- memory
@@ -808,7 +810,7 @@ def run_benchmark(
             # Its own loop: TensorFlow's and PyTorch's thread pools slow each other down when
             # their calls alternate (docs/benchmarks.md, "Against TensorFlow").
             tf_times, _, _ = time_interleaved(
-                [case.tf], repeats=reps, warmup=warmup, batch_calls=not quick
+                [case.tf], repeats=reps, warmup=warmup, batch_calls=not quick, inner=inner[0]
             )
             tf_s = tf_times[0]
         peak_b = peak_t = None
@@ -1193,10 +1195,10 @@ def run_kernel_benchmark(
         tf_steps: list[Callable[[], None]] | None = [] if compare_tf else None
         fns = _kernel_case(shape, layout, mode, seed, use_cpp, tf_steps)
         with torch.no_grad():
-            (k, t, c), reps, _ = time_interleaved(fns, repeats=repeats, warmup=warmup)
+            (k, t, c), reps, inner = time_interleaved(fns, repeats=repeats, warmup=warmup)
             tf_s = None
-            if tf_steps:  # its own loop, as in run_benchmark
-                tf_s = time_interleaved(tf_steps, repeats=reps, warmup=warmup)[0][0]
+            if tf_steps:  # its own loop, as in run_benchmark, with the row's count
+                tf_s = time_interleaved(tf_steps, repeats=reps, warmup=warmup, inner=inner[0])[0][0]
         row = KernelResult(
             shape=tuple(shape),
             layout=layout,

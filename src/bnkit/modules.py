@@ -728,9 +728,7 @@ class BatchNorm(nn.Module):
             return None
         nonfinite = get_policy_eager("nonfinite", layer)
         guard = nonfinite != "update"
-        rmin = rmax = dmax = None
-        if renorm_mean is not None:
-            rmin, rmax, dmax = bnf._renorm_bounds(self.renorm_clipping)
+        rmin, rmax, dmax = bnf._renorm_bounds(self.renorm_clipping)
         # cpp.train's arguments, positionally: its keyword binding costs microseconds per step.
         y, _, _, _, _, updated = cpp.train_call(
             xt,

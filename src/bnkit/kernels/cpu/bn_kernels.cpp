@@ -567,9 +567,12 @@ template <typename T>
 static std::vector<T> values_of(const std::optional<at::Tensor>& t) {
   if (!has(t)) return {};
   const at::Tensor c = t->is_contiguous() ? *t : t->contiguous();
-  std::vector<T> out(static_cast<size_t>(c.numel()));
+  std::vector<T> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bnkit_values", [&] {
-    converted(c.const_data_ptr<scalar_t>(), out.data(), out.size());
+    // Constructed from the converted values, not zeroed first and overwritten: with many
+    // ghosts these are as many values as a 2-D input has rows' worth of channels.
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    out.assign(p, p + c.numel());
   });
   return out;
 }
@@ -1460,9 +1463,10 @@ static inline void weighted_grad_row(const T* x, const T* dy, const T* y, T* gx,
 // mean = K + S1/n, var = S2/n - (S1/n)^2 (clamped at 0), in double.
 static inline void finish_stats(double k, double s1, double s2, double count, double& mean,
                                 double& var) {
-  const double d = s1 / count;
+  const double inv = 1.0 / count;
+  const double d = s1 * inv;
   mean = k + d;
-  var = std::max(s2 / count - d * d, 0.0);
+  var = std::max(s2 * inv - d * d, 0.0);
 }
 
 // finish_stats() for one ghost's C channels (shifts k, sums s1, s2; count values or weight).
@@ -1470,9 +1474,12 @@ static inline void finish_stats(double k, double s1, double s2, double count, do
 template <typename A>
 static inline void finish_ghost(int64_t cc, const A* k, const double* s1, const double* s2,
                                 double count, double* mean, double* var) {
+  const double inv = 1.0 / count;
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
-    finish_stats(static_cast<double>(k[ch]), s1[ch], s2[ch], count, mean[ch], var[ch]);
+    const double d = s1[ch] * inv;
+    mean[ch] = static_cast<double>(k[ch]) + d;
+    var[ch] = std::max(s2[ch] * inv - d * d, 0.0);
   }
 }
 
@@ -1590,7 +1597,7 @@ static void coefficient(const Affine& f, int64_t ch, double r, double d, double 
                         A& m, A& a, A& b) {
   const double gamma = f.gamma(ch);
   m = static_cast<A>(mean);
-  a = static_cast<A>(gamma * r / std::sqrt(var + f.eps));
+  a = static_cast<A>(gamma * r) / std::sqrt(static_cast<A>(var + f.eps));
   b = static_cast<A>(gamma * d + f.beta(ch));
 }
 
@@ -1662,7 +1669,7 @@ static inline void ghost_coefficients(int64_t cc, const double* mean, const doub
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
     m[ch] = static_cast<A>(mean[ch]);
-    a[ch] = static_cast<A>(gr[ch] / std::sqrt(var[ch] + eps));
+    a[ch] = static_cast<A>(gr[ch]) / std::sqrt(static_cast<A>(var[ch] + eps));
     b[ch] = static_cast<A>(gb[ch]);
   }
 }
@@ -2216,12 +2223,12 @@ struct GradTerms {
 template <typename A>
 static void grad_coefficients(const GradTerms& t, int64_t i, int64_t ch, double count, double s1,
                               double s2, A& m, A& a, A& b, A& e) {
-  const double is = t.invstd[i];
+  const double is = t.invstd[i], inv = 1.0 / count;
   const double k = (t.weight.empty() ? 1.0 : t.weight[ch]) * (t.r.empty() ? 1.0 : t.r[ch]) * is;
-  double bb = -k * is * is * s2 / count;
-  double ee = -k * s1 / count;
-  if (!t.grad_mean.empty()) ee += t.grad_mean[i] / count;
-  if (!t.grad_var.empty()) bb += 2.0 * t.grad_var[i] / count;
+  double bb = -k * is * is * s2 * inv;
+  double ee = -k * s1 * inv;
+  if (!t.grad_mean.empty()) ee += t.grad_mean[i] * inv;
+  if (!t.grad_var.empty()) bb += 2.0 * t.grad_var[i] * inv;
   m = static_cast<A>(t.mean[i]);
   a = static_cast<A>(k);
   b = static_cast<A>(bb);
@@ -2248,13 +2255,14 @@ static inline void ghost_grad_coefficients(const GradTerms& t, int64_t o, int64_
   const double* is = t.invstd.data() + o;
   const double* gm = t.grad_mean.empty() ? nullptr : t.grad_mean.data() + o;
   const double* gv = t.grad_var.empty() ? nullptr : t.grad_var.data() + o;
+  const double inv = 1.0 / count;
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
     const double k = gamma_r[ch] * is[ch];
-    double bb = -k * is[ch] * is[ch] * s2[ch] / count;
-    double ee = -k * s1[ch] / count;
-    if (gm != nullptr) ee += gm[ch] / count;
-    if (gv != nullptr) bb += 2.0 * gv[ch] / count;
+    double bb = -k * is[ch] * is[ch] * s2[ch] * inv;
+    double ee = -k * s1[ch] * inv;
+    if (gm != nullptr) ee += gm[ch] * inv;
+    if (gv != nullptr) bb += 2.0 * gv[ch] * inv;
     m[ch] = mu[ch];
     a[ch] = static_cast<A>(k);
     b[ch] = static_cast<A>(bb);
@@ -2546,7 +2554,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
   t.grad_var = values_of<double>(grad_var);
   const auto dtype = input.scalar_type();
   const Upstream up = upstream_of(g, grad_out, output);
-  std::vector<double> s1(width, 0.0), s2(width, 0.0);
+  // Every (ghost, channel) sum is written by train_backward: no zeroing (with many ghosts these
+  // are as large as a 2-D input). An input without values has no channels here (checked above).
+  const auto s1 = scratch<double>(width), s2 = scratch<double>(width);
   at::Tensor gx = new_like(g.x);
   if (g.x.numel() > 0) {
     dispatch_dtype(dtype, [&](auto tag) {
@@ -2554,7 +2564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
       with_flag(has(output), [&](auto relu) {
         train_backward<T, decltype(relu)::value>(g, t, up.dy.const_data_ptr<T>(),
                                                  up.y.const_data_ptr<T>(), gx.data_ptr<T>(),
-                                                 s1.data(), s2.data());
+                                                 s1.get(), s2.get());
       });
     });
   }
@@ -2568,8 +2578,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
   for (int64_t gh = 0; gh < g.ghosts; ++gh) {
     const int64_t o = gh * g.c;
     const double* const is = t.invstd.data() + o;
-    const double* const u1 = s1.data() + o;
-    const double* const u2 = s2.data() + o;
+    const double* const u1 = s1.get() + o;
+    const double* const u2 = s2.get() + o;
 #pragma omp simd
     for (int64_t ch = 0; ch < g.c; ++ch) {
       pb[ch] += u1[ch];

@@ -1674,6 +1674,27 @@ static inline void ghost_coefficients(int64_t cc, const double* mean, const doub
   }
 }
 
+// finish_ghost() and ghost_coefficients() in one loop, from one piece's sums q1, q2 in the
+// accumulation type (exact in double, so the same values as the two loops over ghost_sums()'
+// double copies) and gr = γ·r already in the accumulation type: mean and var (double) for the
+// outputs, m and a for the normalize.
+template <typename A>
+static inline void finish_ghost_coefficients(int64_t cc, const A* k, const A* q1, const A* q2,
+                                             double count, const A* gr, double eps,
+                                             double* mean, double* var, A* m, A* a) {
+  const double inv = 1.0 / count;
+#pragma omp simd
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    const double d = static_cast<double>(q1[ch]) * inv;
+    const double mu = static_cast<double>(k[ch]) + d;
+    const double v = std::max(static_cast<double>(q2[ch]) * inv - d * d, 0.0);
+    mean[ch] = mu;
+    var[ch] = v;
+    m[ch] = static_cast<A>(mu);
+    a[ch] = gr[ch] / std::sqrt(static_cast<A>(v + eps));
+  }
+}
+
 // Rows layout in contiguous ghost batches (virtual_batch_size with ghost_layout="contiguous")
 // small enough for a core's cache, at least one per thread (2-D input, channels-last input in
 // small ghosts): each ghost is then a tile of its own. A task takes whole ghosts and, per
@@ -1710,21 +1731,38 @@ static void ghost_local_forward(const Geometry& g, const Affine& f, T* y, bool s
   const int64_t cc = g.c, rows = g.per_ghost() * g.inner;
   std::vector<double> gr(cc), gb(cc);  // no renorm here: mean and var are not read yet
   channel_factors(f, g.ghosts, cc, mean, var, nullptr, nullptr, gr.data(), gb.data());
+  // b = γ·d + β is the same for every ghost (no renorm here): one array for all of them.
+  std::vector<A> gr_a(cc), b(cc);
+  for (int64_t ch = 0; ch < cc; ++ch) {
+    gr_a[ch] = static_cast<A>(gr[ch]);
+    b[ch] = static_cast<A>(gb[ch]);
+  }
+  const bool one_piece = rows <= row_run(g);
   parallel(g, 0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> k(cc), q1(cc), q2(cc), m(cc), a(cc), b(cc);
+    std::vector<A> k(cc), q1(cc), q2(cc), m(cc), a(cc);
     for (int64_t gh = begin; gh < end; ++gh) {
       const int64_t r0 = gh * rows, r1 = r0 + rows, first = g.first(gh, 0);
       for (int64_t ch = 0; ch < cc; ++ch) k[ch] = widen<A>(x[first + ch]);
       double* mg = mean + gh * cc;
       double* vg = var + gh * cc;
-      // The sums go into mean and var and are finished in place.
-      local_ghost_sums<A>(g, gh, q1.data(), q2.data(), mg, vg,
-                          [&](A* p1, A* p2, int64_t lo, int64_t hi, int64_t) {
-                            row_piece_sums<T, A>(g, x, lo, hi, k.data(), p1, p2);
-                          });
-      finish_ghost(cc, k.data(), mg, vg, g.denominator(gh), mg, vg);
-      ghost_coefficients<A>(cc, mg, vg, gr.data(), gb.data(), f.eps, m.data(), a.data(),
-                            b.data());
+      if (one_piece) {
+        // The ghost's rows are one piece: its sums are q1, q2 themselves (ghost_sums() would
+        // store them in double unchanged), finished with the coefficients in one loop.
+        std::fill(q1.begin(), q1.end(), A(0));
+        std::fill(q2.begin(), q2.end(), A(0));
+        row_piece_sums<T, A>(g, x, r0, r1, k.data(), q1.data(), q2.data());
+        finish_ghost_coefficients<A>(cc, k.data(), q1.data(), q2.data(), g.denominator(gh),
+                                     gr_a.data(), f.eps, mg, vg, m.data(), a.data());
+      } else {
+        // The sums go into mean and var and are finished in place.
+        local_ghost_sums<A>(g, gh, q1.data(), q2.data(), mg, vg,
+                            [&](A* p1, A* p2, int64_t lo, int64_t hi, int64_t) {
+                              row_piece_sums<T, A>(g, x, lo, hi, k.data(), p1, p2);
+                            });
+        finish_ghost(cc, k.data(), mg, vg, g.denominator(gh), mg, vg);
+        ghost_coefficients<A>(cc, mg, vg, gr.data(), gb.data(), f.eps, m.data(), a.data(),
+                              q1.data());  // q1: b again, already in `b`
+      }
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t o = row * cc;
         write_run(stream, y + o, cc, [&](T* out, int64_t at, int64_t count) {

@@ -229,6 +229,34 @@ def test_available_after_build() -> None:
 
 
 @pytest.mark.usefixtures("built")
+def test_entry_points_are_the_operators() -> None:
+    """The layers' per-step entry points call the registered operators directly (the
+    overload's own callable) and give what the documented wrappers give."""
+    for name in ("bn_train", "bn_eval"):
+        overload = getattr(torch.ops.bnkit, name).default
+        assert cpp.ENTRY[name] is getattr(overload, "_op", cpp.ENTRY[name])
+        assert cpp.ENTRY[name] is not cpp.train_call
+        assert cpp.ENTRY[name] is not cpp.eval_call
+    x = torch.randn(6, 3, 4, 4)
+    weight, bias = torch.rand(3) + 0.5, torch.randn(3)
+    mean, var = torch.randn(3), torch.rand(3) + 0.1
+    args = (x, weight, bias, EPS, 2, False, None, None, None, None, None, True)
+    args += (None, None, 0.0, None, None, False, None, 0.0, False)
+    direct, wrapped = (
+        cpp.ENTRY["bn_train"](*args),
+        cpp.train(x, weight, bias, EPS, ghosts=2, relu=True),
+    )
+    assert type(direct) is tuple
+    assert len(direct) == 6
+    for a, b in zip(direct, wrapped, strict=True):
+        assert torch.equal(a, b)
+    for relu in (False, True):
+        y = cpp.ENTRY["bn_eval"](x, mean, var, weight, bias, EPS, relu)
+        assert torch.equal(y, cpp.bn_eval(x, mean, var, weight, bias, EPS, relu=relu))
+        assert torch.equal(y, cpp.eval_call(x, mean, var, weight, bias, EPS, relu))
+
+
+@pytest.mark.usefixtures("built")
 def test_bench_kernels_cpp_reports_cpp_path(capsys: pytest.CaptureFixture[str]) -> None:
     from bnkit.cli import main
 

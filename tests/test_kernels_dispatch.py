@@ -29,25 +29,33 @@ def built() -> None:
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts calls of the C++ training and eval entry points (a layer's own step enters
-    through ``cpp.train_call``, the functional core through ``cpp.train``)."""
+    through ``cpp.ENTRY``, the functional core through ``cpp.train`` and ``cpp.bn_eval``)."""
     counts = {"train": 0, "eval": 0}
-    train, train_call, bn_eval = cpp.train, cpp.train_call, cpp.bn_eval
+    train, bn_eval = cpp.train, cpp.bn_eval
+    entry_train, entry_eval = cpp.ENTRY["bn_train"], cpp.ENTRY["bn_eval"]
 
     def counting_train(*args: Any, **kwargs: Any) -> cpp.TrainOutput:
         counts["train"] += 1
         return train(*args, **kwargs)
 
-    def counting_train_call(*args: Any) -> tuple[torch.Tensor, ...]:
+    def counting_entry_train(*args: Any) -> tuple[torch.Tensor, ...]:
         counts["train"] += 1
-        return train_call(*args)
+        out: tuple[torch.Tensor, ...] = entry_train(*args)
+        return out
 
     def counting_eval(*args: Any, **kwargs: Any) -> torch.Tensor:
         counts["eval"] += 1
         return bn_eval(*args, **kwargs)
 
+    def counting_entry_eval(*args: Any) -> torch.Tensor:
+        counts["eval"] += 1
+        y: torch.Tensor = entry_eval(*args)
+        return y
+
     monkeypatch.setattr(cpp, "train", counting_train)
-    monkeypatch.setattr(cpp, "train_call", counting_train_call)
     monkeypatch.setattr(cpp, "bn_eval", counting_eval)
+    monkeypatch.setitem(cpp.ENTRY, "bn_train", counting_entry_train)
+    monkeypatch.setitem(cpp.ENTRY, "bn_eval", counting_entry_eval)
     return counts
 
 

@@ -677,7 +677,7 @@ class BatchNorm(nn.Module):
         relu = activation == "relu"
         if not self.training or b.get("frozen") is not None:
             # Sample weights weight batch statistics only: inference ignores them, as forward().
-            y = cpp.bn_eval(xt, running_mean, running_var, weight, bias, self.eps, relu=relu)
+            y = cpp.ENTRY["bn_eval"](xt, running_mean, running_var, weight, bias, self.eps, relu)
             return bnf._kernel_layout(y.movedim(1, a), x, a) if a != 1 else y
         ghosts = 1 if self.virtual_batch_size is None else self._ghosts_in(x)
         if (
@@ -730,7 +730,7 @@ class BatchNorm(nn.Module):
         guard = nonfinite != "update"
         rmin, rmax, dmax = bnf._renorm_bounds(self.renorm_clipping)
         # cpp.train's arguments, positionally: its keyword binding costs microseconds per step.
-        y, _, _, _, _, updated = cpp.train_call(
+        y, _, _, _, _, updated = cpp.ENTRY["bn_train"](
             xt,
             weight,
             bias,

@@ -1460,10 +1460,10 @@ static inline void weighted_grad_row(const T* x, const T* dy, const T* y, T* gx,
   }
 }
 
-// mean = K + S1/n, var = S2/n - (S1/n)^2 (clamped at 0), in double.
-static inline void finish_stats(double k, double s1, double s2, double count, double& mean,
+// mean = K + S1·(1/n), var = S2·(1/n) - (S1·(1/n))^2 (clamped at 0), in double; inv = 1/n,
+// computed once per ghost by the caller (one division instead of two per channel).
+static inline void finish_stats(double k, double s1, double s2, double inv, double& mean,
                                 double& var) {
-  const double inv = 1.0 / count;
   const double d = s1 * inv;
   mean = k + d;
   var = std::max(s2 * inv - d * d, 0.0);
@@ -1477,9 +1477,7 @@ static inline void finish_ghost(int64_t cc, const A* k, const double* s1, const 
   const double inv = 1.0 / count;
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
-    const double d = s1[ch] * inv;
-    mean[ch] = static_cast<double>(k[ch]) + d;
-    var[ch] = std::max(s2[ch] * inv - d * d, 0.0);
+    finish_stats(static_cast<double>(k[ch]), s1[ch], s2[ch], inv, mean[ch], var[ch]);
   }
 }
 
@@ -1591,13 +1589,21 @@ static std::pair<double, double> renorm_factors(const Affine& f, int64_t ghosts,
   return {r, d};
 }
 
+// The normalize's scale a = γ·r / sqrt(σ² + eps) from gr = γ·r, rounded to the accumulation
+// type first: the square root and division then run in float32 for float32 and half input
+// (eight lanes per instruction instead of four; within 2 float32 ulp).
+template <typename A>
+static inline A scale_of(A gr, double var, double eps) {
+  return gr / std::sqrt(static_cast<A>(var + eps));
+}
+
 // y = (x - m)·a + b for channel ch of a ghost whose statistics are mean, var.
 template <typename A>
 static void coefficient(const Affine& f, int64_t ch, double r, double d, double mean, double var,
                         A& m, A& a, A& b) {
   const double gamma = f.gamma(ch);
   m = static_cast<A>(mean);
-  a = static_cast<A>(gamma * r) / std::sqrt(static_cast<A>(var + f.eps));
+  a = scale_of<A>(static_cast<A>(gamma * r), var, f.eps);
   b = static_cast<A>(gamma * d + f.beta(ch));
 }
 
@@ -1659,19 +1665,23 @@ static void channel_factors(const Affine& f, int64_t ghosts, int64_t cc, const d
   }
 }
 
-// One ghost's y = (x - m)·a + b coefficients for its C channels, as coefficient() computes
-// them with γ·r and γ·d + β hoisted (gr, gb): contiguous, so the square roots and divisions
-// vectorize.
+// One ghost's m and a of y = (x - m)·a + b for its C channels, as coefficient() computes them
+// with γ·r hoisted (gr, in the accumulation type): contiguous, so the square roots and
+// divisions vectorize. b = γ·d + β is the same for every ghost (channel_factors()' gb).
 template <typename A>
 static inline void ghost_coefficients(int64_t cc, const double* mean, const double* var,
-                                      const double* gr, const double* gb, double eps, A* m,
-                                      A* a, A* b) {
+                                      const A* gr, double eps, A* m, A* a) {
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
     m[ch] = static_cast<A>(mean[ch]);
-    a[ch] = static_cast<A>(gr[ch]) / std::sqrt(static_cast<A>(var[ch] + eps));
-    b[ch] = static_cast<A>(gb[ch]);
+    a[ch] = scale_of<A>(gr[ch], var[ch], eps);
   }
+}
+
+// channel_factors()' per-channel values in the accumulation type.
+template <typename A>
+static std::vector<A> in_acc(const std::vector<double>& v) {
+  return std::vector<A>(v.begin(), v.end());
 }
 
 // finish_ghost() and ghost_coefficients() in one loop, from one piece's sums q1, q2 in the
@@ -1685,13 +1695,13 @@ static inline void finish_ghost_coefficients(int64_t cc, const A* k, const A* q1
   const double inv = 1.0 / count;
 #pragma omp simd
   for (int64_t ch = 0; ch < cc; ++ch) {
-    const double d = static_cast<double>(q1[ch]) * inv;
-    const double mu = static_cast<double>(k[ch]) + d;
-    const double v = std::max(static_cast<double>(q2[ch]) * inv - d * d, 0.0);
+    double mu, v;
+    finish_stats(static_cast<double>(k[ch]), static_cast<double>(q1[ch]),
+                 static_cast<double>(q2[ch]), inv, mu, v);
     mean[ch] = mu;
     var[ch] = v;
     m[ch] = static_cast<A>(mu);
-    a[ch] = gr[ch] / std::sqrt(static_cast<A>(v + eps));
+    a[ch] = scale_of<A>(gr[ch], v, eps);
   }
 }
 
@@ -1731,12 +1741,7 @@ static void ghost_local_forward(const Geometry& g, const Affine& f, T* y, bool s
   const int64_t cc = g.c, rows = g.per_ghost() * g.inner;
   std::vector<double> gr(cc), gb(cc);  // no renorm here: mean and var are not read yet
   channel_factors(f, g.ghosts, cc, mean, var, nullptr, nullptr, gr.data(), gb.data());
-  // b = γ·d + β is the same for every ghost (no renorm here): one array for all of them.
-  std::vector<A> gr_a(cc), b(cc);
-  for (int64_t ch = 0; ch < cc; ++ch) {
-    gr_a[ch] = static_cast<A>(gr[ch]);
-    b[ch] = static_cast<A>(gb[ch]);
-  }
+  const std::vector<A> gr_a = in_acc<A>(gr), b = in_acc<A>(gb);  // b: the same for every ghost
   const bool one_piece = rows <= row_run(g);
   parallel(g, 0, g.ghosts, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> k(cc), q1(cc), q2(cc), m(cc), a(cc);
@@ -1760,8 +1765,7 @@ static void ghost_local_forward(const Geometry& g, const Affine& f, T* y, bool s
                               row_piece_sums<T, A>(g, x, lo, hi, k.data(), p1, p2);
                             });
         finish_ghost(cc, k.data(), mg, vg, g.denominator(gh), mg, vg);
-        ghost_coefficients<A>(cc, mg, vg, gr.data(), gb.data(), f.eps, m.data(), a.data(),
-                              q1.data());  // q1: b again, already in `b`
+        ghost_coefficients<A>(cc, mg, vg, gr_a.data(), f.eps, m.data(), a.data());
       }
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t o = row * cc;
@@ -1817,7 +1821,7 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, bool stream,
       for (int64_t ch = c0; ch < c1; ++ch) {
         for (int64_t gh = 0; gh < gs; ++gh) {
           const int64_t i = (ch - c0) * gs + gh;
-          finish_stats(static_cast<double>(shift[i]), s1[i], s2[i], g.denominator(gh),
+          finish_stats(static_cast<double>(shift[i]), s1[i], s2[i], 1.0 / g.denominator(gh),
                        mean[gh * cc + ch],
                        var[gh * cc + ch]);
         }
@@ -1858,24 +1862,25 @@ static void train_forward(const Geometry& g, const Affine& f, T* y, bool stream,
   // took a third of the forward).
   std::vector<double> gr(cc), gb(cc);
   channel_factors(f, gs, cc, mean, var, r, d, gr.data(), gb.data());
-  const auto m = scratch<A>(gs * cc), a = scratch<A>(gs * cc), b = scratch<A>(gs * cc);
+  // m and a per (ghost, channel); b per channel, the same for every ghost.
+  const std::vector<A> gr_a = in_acc<A>(gr), b = in_acc<A>(gb);
+  const auto m = scratch<A>(gs * cc), a = scratch<A>(gs * cc);
   for_each_ghost_row(g, [&](int64_t o) {
-    ghost_coefficients<A>(cc, mean + o, var + o, gr.data(), gb.data(), f.eps, m.get() + o,
-                          a.get() + o, b.get() + o);
+    ghost_coefficients<A>(cc, mean + o, var + o, gr_a.data(), f.eps, m.get() + o, a.get() + o);
   });
   for_all(
       g,
       [&](int64_t off, int64_t len, int64_t gh, int64_t ch) {
         const int64_t i = gh * cc + ch;
         write_run(stream, y + off, len, [&](T* out, int64_t at, int64_t count) {
-          affine_run<T, A, Relu>(x + off + at, out, count, m[i], a[i], b[i]);
+          affine_run<T, A, Relu>(x + off + at, out, count, m[i], a[i], b[ch]);
         });
       },
       [&](int64_t row, int64_t gh) {
         const int64_t i = gh * cc, o = row * cc;
         write_run(stream, y + o, cc, [&](T* out, int64_t at, int64_t count) {
           affine_row<T, A, Relu>(x + o + at, out, count, m.get() + i + at, a.get() + i + at,
-                                 b.get() + i + at);
+                                 b.data() + at);
         });
       });
 }

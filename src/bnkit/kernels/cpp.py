@@ -648,10 +648,10 @@ def train(
 
 def train_call(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`train` with all 21 arguments positional, in the order of its signature, and a
-    plain tuple back: the layers' per-step entry. With the caches cold from the large kernels
-    around a layer, :func:`train`'s keyword binding and named tuple cost about 7 µs per call
-    (measured on a 4x8x3x3 input after a 16 MB copy: the layer's training call 81–93 → 73–81 µs).
-    The kernels must be loaded (:func:`ready`).
+    plain tuple back: :data:`ENTRY`'s ``"bn_train"`` as a Python function (what the layers call
+    before the kernels are bound). Skipping :func:`train`'s keyword binding and named tuple
+    saves about 7 µs per call with the caches cold (a 4x8x3x3 layer's training call after a
+    16 MB copy: 81–93 → 73–81 µs). The kernels must be loaded (:func:`ready`).
 
     Example:
         >>> import torch
